@@ -103,10 +103,11 @@ def update_aovs(
   lo = jnp.asarray(loss_estimate).astype(jnp.float32)
   seen = ~jnp.isnan(lo)
   reached = lo <= a
+  # a/2 + lo/2 rounds as (a + lo)/2 does, but cannot overflow to inf.
   new_a = jnp.where(
       reached, jnp.maximum(a - d / 2, jnp.asarray(lower_bound, jnp.float32)),
-      (a + lo) / 2)
-  new_d = jnp.where(reached, d, (lo - a) / 2)
+      a / 2 + lo / 2)
+  new_d = jnp.where(reached, d, lo / 2 - a / 2)
   return (jnp.where(seen, new_a, a).astype(dtype),
           jnp.where(seen, new_d, d).astype(aov_step.dtype))
 
@@ -248,7 +249,7 @@ def scale_by_aalig(
   best_epoch = loss_estimate == "best_epoch"
   steps_per_section = steps_per_epoch * epochs_per_section
   num_tables = 4 if best_epoch else 3
-  # Losses above the table dtype's range are stored at its maximum, not inf.
+  # Losses beyond the table dtype's range are stored at its max (or -max).
   table_max = float(jnp.finfo(table_dtype).max)
 
   def init_fn(params):
@@ -287,14 +288,20 @@ def scale_by_aalig(
     n = _psum(jnp.sum(valid, dtype=jnp.float32), axis_name)
     loss_sum = _psum(jnp.sum(jnp.where(valid, losses, 0.0)), axis_name)
     aov_sum = _psum(jnp.sum(jnp.where(valid, aov_b, 0.0)), axis_name)
-    gap = jnp.where(n > 0, (loss_sum - aov_sum) / jnp.maximum(n, 1.0), 0.0)
+    gap = (loss_sum - aov_sum) / jnp.maximum(n, 1.0)
+    # Finite losses whose float32 sum overflows: the same mean, summed scaled.
+    scaled_gap = _psum(jnp.sum(jnp.where(
+        valid, losses / jnp.maximum(n, 1.0) - aov_b / jnp.maximum(n, 1.0),
+        0.0)), axis_name)
+    gap = jnp.where(jnp.isfinite(gap), gap, scaled_gap)
+    gap = jnp.where(n > 0, gap, 0.0)
     step_size = polyak_step_size(gap, updates, max_learning_rate, eps)
     new_updates = optax.tree.scale(step_size, updates)
 
     record = valid & jnp.isfinite(losses)
     num_invalid = _psum(jnp.sum(mask & ~in_range, dtype=jnp.int32), axis_name)
     write_idx = _gather(jnp.where(record, safe_idx, num_examples), axis_name)
-    rec_losses = _gather(jnp.minimum(losses, table_max), axis_name)
+    rec_losses = _gather(jnp.clip(losses, -table_max, table_max), axis_name)
     last_loss = _record(state.last_loss, write_idx, rec_losses)
 
     count = optax.safe_int32_increment(state.count)

@@ -115,6 +115,9 @@ def check_batch(
         + ", ".join(missing) + "."
     )
   losses = jnp.asarray(losses)
+  # Concrete values are range-checked before the conversion: with x64
+  # disabled, jnp.asarray wraps an int64 index >= 2**31 silently into int32.
+  raw_indices = indices if is_traced(indices) else np.asarray(indices)
   indices = jnp.asarray(indices)
   if losses.ndim != 1:
     raise ValueError(
@@ -147,8 +150,9 @@ def check_batch(
           f"mask must be a boolean array of shape {losses.shape} (True marks "
           f"a real example, False a padding row), got {mask.dtype}{mask.shape}."
       )
-  if not is_traced(indices):
-    idx = np.asarray(indices)
+  if not is_traced(raw_indices) and np.issubdtype(raw_indices.dtype,
+                                                  np.integer):
+    idx = raw_indices
     valid = np.asarray(mask) if not is_traced(mask) else np.ones(idx.shape, bool)
     bad = idx[valid & ((idx < 0) | (idx >= num_examples))]
     if bad.size:

@@ -1,0 +1,1 @@
+"""Examples of training real models with AALIG (see examples/README.md)."""

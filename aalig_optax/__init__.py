@@ -10,6 +10,9 @@ from aalig_optax._alig import alig
 from aalig_optax._alig import project_l2_ball
 from aalig_optax._alig import scale_by_alig
 from aalig_optax._alig import ScaleByAligState
+from aalig_optax._checkpoint import restore_state
+from aalig_optax._checkpoint import save_state
+from aalig_optax._checkpoint import validate_state
 
 __version__ = "0.1.0"
 
@@ -19,9 +22,12 @@ __all__ = (
     "alig",
     "check_indices",
     "project_l2_ball",
+    "restore_state",
+    "save_state",
     "scale_by_aalig",
     "scale_by_alig",
     "ScaleByAaligState",
     "ScaleByAligState",
     "update_aovs",
+    "validate_state",
 )

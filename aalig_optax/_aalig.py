@@ -231,6 +231,10 @@ def scale_by_aalig(
     and by Interpolation" (ALI-G), ICML 2020.
   """
   num_examples = _checks.static_positive_int("num_examples", num_examples)
+  if num_examples > np.iinfo(np.int32).max:
+    raise ValueError(
+        f"num_examples must be at most 2**31 - 1 (indices are int32), got "
+        f"num_examples={num_examples}.")
   steps_per_epoch = _checks.static_positive_int(
       "steps_per_epoch", steps_per_epoch)
   epochs_per_section = _checks.static_positive_int(

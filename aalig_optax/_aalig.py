@@ -36,6 +36,8 @@ class ScaleByAaligState(NamedTuple):
     num_sections: int32 [], section ends passed.
     num_invalid: int32 [], rows dropped so far because their index was outside
       [0, num_examples) (see :func:`check_indices`).
+    num_skipped: int32 [], batches skipped because a loss or the gradient was
+      not finite; a skipped batch changes nothing else in the state.
   """
 
   count: chex.Array
@@ -50,6 +52,7 @@ class ScaleByAaligState(NamedTuple):
   reached_fraction: chex.Array
   num_sections: chex.Array
   num_invalid: chex.Array
+  num_skipped: chex.Array
 
 
 def update_aovs(
@@ -104,12 +107,16 @@ def update_aovs(
   seen = ~jnp.isnan(lo)
   reached = lo <= a
   # a/2 + lo/2 rounds as (a + lo)/2 does, but cannot overflow to inf.
+  # The new step first, then the AOV from it (equal to the old step where
+  # reached): each table then reads only itself and tables already written,
+  # so that under `jit` XLA updates both in place (no per-step table copy).
+  new_d = jnp.where(seen & ~reached, lo / 2 - a / 2, d).astype(aov_step.dtype)
   new_a = jnp.where(
-      reached, jnp.maximum(a - d / 2, jnp.asarray(lower_bound, jnp.float32)),
+      reached,
+      jnp.maximum(a - new_d.astype(jnp.float32) / 2,
+                  jnp.asarray(lower_bound, jnp.float32)),
       a / 2 + lo / 2)
-  new_d = jnp.where(reached, d, lo / 2 - a / 2)
-  return (jnp.where(seen, new_a, a).astype(dtype),
-          jnp.where(seen, new_d, d).astype(aov_step.dtype))
+  return jnp.where(seen, new_a, a).astype(dtype), new_d
 
 
 def _record(table, write_idx, values):
@@ -133,18 +140,17 @@ def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def polyak_step_size(gap, updates, max_learning_rate, eps):
+def polyak_step_size(gap, sq_norm, max_learning_rate, eps):
   """clip(gap / (||g||^2 + eps), 0, max_learning_rate), as in optax's SPS+.
 
-  Zero where the denominator is at or below machine epsilon; NaN where `gap`
-  is not finite, so that `optax.apply_if_finite` rejects the step.
+  Zero where the denominator is at or below machine epsilon, or where `gap`
+  or `sq_norm` is not finite (the callers then skip the batch).
   """
-  sq_norm = optax.tree.norm(
-      optax.tree.cast(updates, jnp.float32), squared=True)
   denom = sq_norm + eps
   step = jnp.minimum(jnp.maximum(gap, 0.0) / denom, max_learning_rate)
-  step = jnp.where(denom <= jnp.finfo(jnp.float32).eps, 0.0, step)
-  return jnp.where(jnp.isfinite(gap), step, jnp.nan).astype(jnp.float32)
+  ok = jnp.isfinite(gap) & jnp.isfinite(sq_norm)
+  return jnp.where(ok & (denom > jnp.finfo(jnp.float32).eps), step,
+                   0.0).astype(jnp.float32)
 
 
 def scale_by_aalig(
@@ -185,8 +191,10 @@ def scale_by_aalig(
   Rows whose index is outside [0, num_examples) raise a ValueError in eager
   mode; under `jit` they are treated as masked and counted in
   ``state.num_invalid``, which :func:`check_indices` turns into an error on
-  the host. Non-finite losses are never recorded; they do enter the batch
-  mean, so the step becomes NaN and ``optax.apply_if_finite`` can reject it.
+  the host. A batch with a non-finite loss (among its valid rows) or a
+  non-finite gradient is skipped: the update is zero, nothing is recorded and
+  only ``state.num_skipped`` changes. (``optax.apply_if_finite`` inspects the
+  gradient only, so this is what keeps a NaN loss out of the tables.)
   An index repeated within a batch counts once per row in the means and
   records its lowest loss.
 
@@ -275,6 +283,7 @@ def scale_by_aalig(
         reached_fraction=f32(jnp.nan),
         num_sections=jnp.zeros([], jnp.int32),
         num_invalid=jnp.zeros([], jnp.int32),
+        num_skipped=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, losses=None, indices=None,
@@ -299,16 +308,22 @@ def scale_by_aalig(
         0.0)), axis_name)
     gap = jnp.where(jnp.isfinite(gap), gap, scaled_gap)
     gap = jnp.where(n > 0, gap, 0.0)
-    step_size = polyak_step_size(gap, updates, max_learning_rate, eps)
-    new_updates = optax.tree.scale(step_size, updates)
+    sq_norm = optax.tree.norm(
+        optax.tree.cast(updates, jnp.float32), squared=True)
+    # A non-finite loss or gradient skips the batch: no step, nothing recorded.
+    skip = ~(jnp.isfinite(gap) & jnp.isfinite(sq_norm))
+    step_size = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
+    new_updates = jax.tree.map(
+        lambda g: jnp.where(skip, 0, step_size * g).astype(g.dtype), updates)
 
-    record = valid & jnp.isfinite(losses)
+    record = valid & ~skip
     num_invalid = _psum(jnp.sum(mask & ~in_range, dtype=jnp.int32), axis_name)
     write_idx = _gather(jnp.where(record, safe_idx, num_examples), axis_name)
     rec_losses = _gather(jnp.clip(losses, -table_max, table_max), axis_name)
     last_loss = _record(state.last_loss, write_idx, rec_losses)
 
-    count = optax.safe_int32_increment(state.count)
+    count = jnp.where(skip, state.count,
+                      optax.safe_int32_increment(state.count))
     tables = dict(aov=state.aov, aov_step=state.aov_step,
                   best_loss=state.best_loss,
                   epoch_loss_sum=state.epoch_loss_sum,
@@ -333,7 +348,7 @@ def scale_by_aalig(
         t["epoch_loss_count"] = jnp.zeros_like(t["epoch_loss_count"])
         return t
 
-      tables = jax.lax.cond(count % steps_per_epoch == 0, end_epoch,
+      tables = jax.lax.cond(~skip & (count % steps_per_epoch == 0), end_epoch,
                             lambda t: t, tables)
 
     def end_section(t):
@@ -352,14 +367,16 @@ def scale_by_aalig(
       return t
 
     # The only O(N) work, run once a section.
-    tables = jax.lax.cond(count % steps_per_section == 0, end_section,
+    tables = jax.lax.cond(~skip & (count % steps_per_section == 0),
+                          end_section,
                           lambda t: t, tables)
 
     new_state = ScaleByAaligState(
         count=count,
         last_loss=last_loss,
-        step_size=step_size,
+        step_size=jnp.where(skip, state.step_size, step_size),
         num_invalid=state.num_invalid + num_invalid,
+        num_skipped=state.num_skipped + skip.astype(jnp.int32),
         **tables,
     )
     return new_updates, new_state
@@ -456,14 +473,20 @@ def aalig(
 
   def update_fn(updates, state, params=None, **extra_args):
     core_state, trace_state = state
-    updates, core_state = core.update(updates, core_state, params,
-                                      **extra_args)
-    updates, trace_state = trace.update(updates, trace_state, params)
+    updates, new_core = core.update(updates, core_state, params,
+                                    **extra_args)
+    updates, new_trace = trace.update(updates, trace_state, params)
+    # A batch the core skipped must not move the params through momentum.
+    skipped = new_core.num_skipped != core_state.num_skipped
+    trace_state = optax.tree.where(skipped, trace_state, new_trace)
+    core_state = new_core
+    updates = optax.tree.where(skipped, optax.tree.zeros_like(updates),
+                               updates)
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
       if params is None:
         raise ValueError("aalig with weight_decay > 0 needs params in update.")
-      updates = optax.tree.add_scale(
-          updates, core_state.step_size * weight_decay, params)
+      updates = optax.tree.cast_like(optax.tree.add_scale(
+          updates, core_state.step_size * weight_decay, params), updates)
     return optax.tree.scale(-1.0, updates), (core_state, trace_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -37,7 +38,8 @@ def scale_by_alig(
     \eta\right), \qquad u = \gamma g,
 
   with :math:`f` the batch loss given as the keyword ``value`` (optax's
-  convention, as in ``optax.polyak_sgd``) and :math:`B` its lower bound.
+  convention, as in ``optax.polyak_sgd``) and :math:`B` its lower bound. A
+  non-finite `value` or gradient gives a zero step size.
 
   Args:
     max_learning_rate: the maximal step size :math:`\eta` (> 0).
@@ -81,8 +83,13 @@ def scale_by_alig(
           f"value must be the scalar batch loss, got shape {value.shape}; "
           "pass the mean of the per-example losses.")
     gap = value.astype(jnp.float32) - jnp.asarray(lower_bound, jnp.float32)
-    step_size = _aalig.polyak_step_size(gap, updates, max_learning_rate, eps)
-    return optax.tree.scale(step_size, updates), ScaleByAligState(
+    sq_norm = optax.tree.norm(
+        optax.tree.cast(updates, jnp.float32), squared=True)
+    step_size = _aalig.polyak_step_size(gap, sq_norm, max_learning_rate, eps)
+    updates = jax.tree.map(
+        lambda g: jnp.where(step_size > 0, step_size * g, 0).astype(g.dtype),
+        updates)
+    return updates, ScaleByAligState(
         count=optax.safe_int32_increment(state.count), step_size=step_size)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

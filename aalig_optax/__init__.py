@@ -13,6 +13,8 @@ from aalig_optax._alig import ScaleByAligState
 from aalig_optax._checkpoint import restore_state
 from aalig_optax._checkpoint import save_state
 from aalig_optax._checkpoint import validate_state
+from aalig_optax._sharding import process_example_range
+from aalig_optax._sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,7 @@ __all__ = (
     "aalig_metrics",
     "alig",
     "check_indices",
+    "process_example_range",
     "project_l2_ball",
     "restore_state",
     "save_state",
@@ -28,6 +31,7 @@ __all__ = (
     "scale_by_alig",
     "ScaleByAaligState",
     "ScaleByAligState",
+    "state_shardings",
     "update_aovs",
     "validate_state",
 )

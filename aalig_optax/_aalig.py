@@ -126,8 +126,29 @@ def _record(table, write_idx, values):
   plain scatter-set whose winner XLA leaves unspecified.
   """
   values = values.astype(table.dtype)
-  table = table.at[write_idx].set(jnp.inf, mode="drop")
-  return table.at[write_idx].min(values, mode="drop")
+  kw = _explicit_out_sharding(table)
+  table = table.at[write_idx].set(jnp.inf, mode="drop", **kw)
+  return table.at[write_idx].min(values, mode="drop", **kw)
+
+
+def _take(table, idx):
+  """table[idx], placed like `idx` when on a mesh with Explicit axes."""
+  return table.at[idx].get(**_explicit_out_sharding(idx))
+
+
+def _explicit_out_sharding(x):
+  """{"out_sharding": x's sharding} on a mesh with Explicit axes, else {}.
+
+  With `jax.make_mesh`'s default (Explicit) axes, JAX asks gathers and
+  scatters whose operand and indices are sharded for their output sharding;
+  elsewhere nothing is passed and the program is unchanged.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  if explicit is None or explicit not in getattr(mesh, "axis_types", ()):
+    return {}
+  return {"out_sharding": sharding}
 
 
 def _gather(x, axis_name):
@@ -297,7 +318,7 @@ def scale_by_aalig(
     # int32 after the range check, so wide indices cannot wrap into range.
     safe_idx = jnp.where(in_range, indices, 0).astype(jnp.int32)
 
-    aov_b = state.aov[safe_idx].astype(jnp.float32)
+    aov_b = _take(state.aov, safe_idx).astype(jnp.float32)
     n = _psum(jnp.sum(valid, dtype=jnp.float32), axis_name)
     loss_sum = _psum(jnp.sum(jnp.where(valid, losses, 0.0)), axis_name)
     aov_sum = _psum(jnp.sum(jnp.where(valid, aov_b, 0.0)), axis_name)

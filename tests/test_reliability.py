@@ -652,3 +652,121 @@ def test_tables_too_large_for_this_machine_fail_at_init():
   opt = aalig(0.1, n, 10, 1, loss_estimate="best_epoch")
   with pytest.raises(MemoryError, match=f"need {need:,} bytes"):
     opt.init(jnp.zeros(3))
+
+
+# --------------------------------------------------------------------------
+# Soak: many jitted steps with NaN/inf batches, under optax.apply_if_finite.
+# --------------------------------------------------------------------------
+
+SOAK_STEPS = int(os.environ.get("AALIG_SOAK_STEPS", "2000"))
+HEALTHY, NAN_DATA, INF_DATA, NAN_LOSS_ONLY, NAN_PADDING = range(5)
+
+
+def _soak_schedule(steps, seed=0):
+  """Each step's kind: mostly healthy, ~15% bad, plus a burst of 25 bad."""
+  rng = np.random.default_rng(seed)
+  kinds = rng.choice(5, size=steps, p=[0.8, 0.05, 0.05, 0.05, 0.05])
+  burst = min(steps // 3, steps - 25)
+  kinds[burst:burst + 25] = rng.choice([NAN_DATA, INF_DATA, NAN_LOSS_ONLY], 25)
+  return kinds.astype(np.int32)
+
+
+def run_soak(steps, loss_estimate="last"):
+  n, dim, b = 64, 4, 8
+  steps_per_epoch, epochs_per_section = n // b, 5
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (n, dim))
+  y = x @ jnp.array([1.0, -2.0, 0.5, 3.0]) + 0.1 * jax.random.normal(
+      jax.random.fold_in(key, 1), (n,))
+  opt = optax.apply_if_finite(
+      aalig(0.5, n, steps_per_epoch, epochs_per_section,
+            loss_estimate=loss_estimate),
+      max_consecutive_errors=2**30)
+  params = jnp.zeros(dim)
+  kinds = jnp.asarray(_soak_schedule(steps))
+
+  def step(carry, inp):
+    params, state, tallies = carry
+    t, kind = inp
+    epoch = t // steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    idx = jax.lax.dynamic_slice(perm, ((t % steps_per_epoch) * b,), (b,))
+    yb = y[idx]
+    yb = yb.at[0].set(jnp.where(kind == NAN_DATA, jnp.nan,
+                                jnp.where(kind == INF_DATA, jnp.inf, yb[0])))
+    mask = jnp.ones(b, bool).at[b - 1].set(kind != NAN_PADDING)
+    yb = yb.at[b - 1].set(jnp.where(kind == NAN_PADDING, jnp.nan, yb[b - 1]))
+    y_safe = jnp.where(mask, yb, 0.0)
+
+    def per_example(w):
+      return jnp.where(mask, (x[idx] @ w - y_safe) ** 2, 0.0)
+
+    def mean_loss(w):
+      return jnp.sum(per_example(w)) / jnp.sum(mask)
+
+    grads = jax.grad(mean_loss)(params)
+    losses = jnp.where(mask, per_example(params), yb)  # padding row: NaN
+    losses = losses.at[0].set(
+        jnp.where(kind == NAN_LOSS_ONLY, jnp.nan, losses[0]))
+    updates, new_state = opt.update(grads, state, params, losses=losses,
+                                    indices=idx, mask=mask)
+    new_params = optax.apply_updates(params, updates)
+
+    old_core, new_core = state.inner_state[0], new_state.inner_state[0]
+    healthy = (kind == HEALTHY) | (kind == NAN_PADDING)
+    recorded = jnp.all(jnp.where(mask, new_core.last_loss[idx] == losses,
+                                 True))
+    untouched = (jnp.all(new_params == params)
+                 & jnp.all(jnp.isnan(new_core.last_loss)
+                           == jnp.isnan(old_core.last_loss))
+                 & jnp.all((new_core.last_loss == old_core.last_loss)
+                           | jnp.isnan(old_core.last_loss))
+                 & jnp.all(new_core.aov == old_core.aov)
+                 & (new_core.count == old_core.count))
+    finite = (jnp.all(jnp.isfinite(new_params))
+              & jnp.all(jnp.isfinite(updates))
+              & jnp.all(jnp.isfinite(new_core.aov))
+              & jnp.all(jnp.isfinite(new_core.aov_step))
+              & ~jnp.any(jnp.isinf(new_core.last_loss))
+              & jnp.isfinite(new_core.step_size))
+    tallies = tallies + jnp.stack([
+        healthy & recorded, ~healthy & untouched, finite]).astype(jnp.int32)
+    return (new_params, new_state, tallies), None
+
+  run = jax.jit(lambda p, s: jax.lax.scan(
+      step, (p, s, jnp.zeros(3, jnp.int32)),
+      (jnp.arange(steps), kinds))[0])
+  start = time.perf_counter()
+  params, state, tallies = jax.block_until_ready(run(params, opt.init(params)))
+  seconds = time.perf_counter() - start
+  kinds = np.asarray(kinds)
+  healthy = int(np.sum((kinds == HEALTHY) | (kinds == NAN_PADDING)))
+  core = state.inner_state[0]
+  skipped = int(state.total_notfinite) + (int(core.num_skipped) if SKIPS
+                                          else 0)
+  return dict(steps=steps, healthy=healthy, bad=steps - healthy,
+              skipped=skipped, by_apply_if_finite=int(state.total_notfinite),
+              by_core=int(core.num_skipped) if SKIPS else 0,
+              healthy_recorded=int(tallies[0]), bad_untouched=int(tallies[1]),
+              finite_steps=int(tallies[2]), count=int(core.count),
+              sections=int(core.num_sections), params=np.asarray(params),
+              aov=np.asarray(core.aov), last_loss=np.asarray(core.last_loss),
+              mean_loss=float(jnp.mean((x @ params - y) ** 2)),
+              seconds=seconds, sections_per=steps_per_epoch
+              * epochs_per_section)
+
+
+@pytest.mark.parametrize("loss_estimate", ["last", "best_epoch"])
+def test_soak_nan_and_inf_batches_are_skipped_exactly(loss_estimate):
+  r = run_soak(SOAK_STEPS, loss_estimate)
+  print({k: v for k, v in r.items() if np.isscalar(v)})
+  assert r["bad"] > SOAK_STEPS // 10
+  assert r["skipped"] == r["bad"]  # the count of skipped batches is exact
+  assert r["healthy_recorded"] == r["healthy"]  # every healthy batch recorded
+  assert r["bad_untouched"] == r["bad"]  # a bad batch changes nothing
+  assert r["finite_steps"] == SOAK_STEPS
+  assert r["count"] == r["healthy"]
+  assert r["sections"] == r["healthy"] // r["sections_per"]
+  assert np.all(np.isfinite(r["params"])) and np.all(np.isfinite(r["aov"]))
+  assert np.all(np.isfinite(r["last_loss"]))  # every example seen
+  assert r["mean_loss"] < 0.1  # and it still trained

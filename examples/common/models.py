@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["CharRNN", "LinearFactorisation", "LinearModel", "MLP", "ResNet8",
@@ -23,7 +24,8 @@ __all__ = ["CharRNN", "LinearFactorisation", "LinearModel", "MLP", "ResNet8",
 
 def count_params(model: nnx.Module) -> int:
   """Number of trainable scalars (``nnx.Param`` leaves) in `model`."""
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return sum(int(np.prod(x.shape))
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 class LinearFactorisation(nnx.Module):
@@ -185,6 +187,7 @@ class CharRNN(nnx.Module):
   def __init__(self, vocab_size: int, hidden: int = 128, num_layers: int = 2,
                embed_dim: Optional[int] = None, *, rngs: nnx.Rngs):
     embed_dim = embed_dim or hidden
+    self.hidden = hidden
     self.embed = nnx.Embed(vocab_size, embed_dim, rngs=rngs)
     self.layers = nnx.List([
         nnx.RNN(nnx.OptimizedLSTMCell(embed_dim if i == 0 else hidden, hidden,
@@ -196,5 +199,8 @@ class CharRNN(nnx.Module):
     del train
     x = self.embed(ids)
     for layer in self.layers:
-      x = layer(x)
+      # An explicit zero carry: the default would draw it from an RNG stream,
+      # which cannot be mutated inside a jitted step.
+      zeros = jnp.zeros(x.shape[:1] + (self.hidden,), x.dtype)
+      x = layer(x, initial_carry=(zeros, zeros))
     return self.head(x)

@@ -1,0 +1,255 @@
+"""Tiny runs of every example: the loss falls, outputs are written, resume is exact.
+
+Data: the matrix factorisation data are synthetic; the LIBSVM and text
+examples read small files written here (through ``AALIG_DATA_DIR`` /
+``--data-dir``), so the suite needs neither ``../shared/data`` nor a network;
+the image examples read TFDS data mocked by ``tfds.testing.mock_data`` (no
+TensorFlow needed), skipped if tensorflow-datasets is not installed.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("orbax.checkpoint")
+
+from examples.common import data as data_lib  # noqa: E402
+from examples.common import models  # noqa: E402
+from examples.common import train as train_lib  # noqa: E402
+
+
+def _falls(history, key):
+  return history[-1][key] < history[0][key]
+
+
+def _tfds():
+  return pytest.importorskip("tensorflow_datasets")
+
+
+# --------------------------------------------------------------------------
+# Data helpers.
+
+
+def test_epoch_batches_cover_each_index_once_and_pad():
+  seen = []
+  for idx, mask in data_lib.epoch_batches(10, 4, seed=0, epoch=0):
+    assert idx.shape == mask.shape == (4,)
+    seen.extend(idx[mask].tolist())
+  assert sorted(seen) == list(range(10))
+  again = [i for i, m in data_lib.epoch_batches(10, 4, 0, 0)]
+  other = [i for i, m in data_lib.epoch_batches(10, 4, 0, 1)]
+  assert all((a == b).all() for a, b in zip(again, [
+      i for i, m in data_lib.epoch_batches(10, 4, 0, 0)]))
+  assert any((a != b).any() for a, b in zip(again, other))
+
+
+def test_load_svmlight_plain_and_bz2(tmp_path):
+  text = b"+1 1:0.5 3:2 # comment\n-1 2:1\n\n+1 3:-1\n"
+  (tmp_path / "a.txt").write_bytes(text)
+  (tmp_path / "a.bz2").write_bytes(bz2.compress(text))
+  for name in ("a.txt", "a.bz2"):
+    x, y = data_lib.load_svmlight(tmp_path / name)
+    np.testing.assert_array_equal(y, [1, -1, 1])
+    np.testing.assert_array_equal(
+        x, [[0.5, 0, 2], [0, 1, 0], [0, 0, -1]])
+  x, _ = data_lib.load_svmlight(text, num_features=5)
+  assert x.shape == (3, 5)
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+  rng = np.random.default_rng(0)
+  def write(name, arr):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(tmp_path / name, "wb") as f:
+      f.write(header + arr.astype(np.uint8).tobytes())
+  imgs = rng.integers(0, 256, (7, 28, 28))
+  labels = rng.integers(0, 10, (7,))
+  for split in ("train", "t10k"):
+    write(f"{split}-images-idx3-ubyte.gz", imgs)
+    write(f"{split}-labels-idx1-ubyte.gz", labels)
+  d = data_lib.load_fashion_mnist(tmp_path)
+  assert d.x_train.shape == (7, 28, 28, 1)
+  np.testing.assert_array_equal(d.x_train[..., 0], imgs)
+  np.testing.assert_array_equal(d.y_test, labels)
+
+
+def test_matrix_factorisation_data():
+  d = data_lib.load_matrix_factorisation(0)
+  assert d.x_train.shape == (800, 6) and d.y_test.shape == (200, 10)
+  # y = A x with A's last row scaled by 1e-10.
+  assert np.abs(d.y_train[:, -1]).max() < 1e-8
+  assert np.abs(d.y_train[:, 0]).max() > 0.1
+
+
+def test_resnet8_is_the_papers_small_resnet():
+  from flax import nnx
+  n = models.count_params(
+      nnx.eval_shape(lambda: models.ResNet8(10, 3, rngs=nnx.Rngs(0))))
+  assert 70_000 < n < 95_000
+
+
+# --------------------------------------------------------------------------
+# The examples.
+
+
+def test_matrix_factorisation_example(tmp_path):
+  from examples import matrix_factorisation
+  rows = matrix_factorisation.main([
+      "--problems", "rank4,full", "--optimisers", "aalig,alig,sps,adam,sgd",
+      "--epochs", "4", "--workdir", str(tmp_path), "--quiet"])
+  assert len(rows) == 10
+  results = json.loads((tmp_path / "results.json").read_text())
+  for key, hist in results["histories"].items():
+    assert len(hist) == 4
+    assert _falls(hist, "train_loss"), key
+  for f in ("figure2.png", "rank4.png", "full.png", "results.md"):
+    assert (tmp_path / f).stat().st_size > 0
+  run = tmp_path / "rank4" / "aalig_seed0"
+  assert (run / "metrics.json").exists() and (run / "ckpt").is_dir()
+  assert "mean_aov" in results["histories"]["rank4/aalig/seed0"][-1]
+
+
+@pytest.mark.parametrize("opt", ["aalig", "alig"])
+def test_resume_is_exact(tmp_path, opt):
+  import shutil
+  from examples import matrix_factorisation
+  problem = matrix_factorisation.make_problem(4, 0)
+  # Two AOV sections of 2 epochs: the resumed epoch ends a section.
+  cfg = train_lib.OptConfig(opt, 1.0, momentum=0.9, sections=2)
+  kw = dict(batch_size=100, num_epochs=4, seed=0, eval_train=True,
+            verbose=False)
+  full, hist_full = train_lib.train_supervised(
+      problem, cfg, workdir=tmp_path / "full", **kw)
+  # A run "killed" after epoch 3: drop its last checkpoint (Orbax step 3).
+  run = tmp_path / "killed"
+  _, hist_killed = train_lib.train_supervised(problem, cfg, workdir=run, **kw)
+  shutil.rmtree(run / "ckpt" / "3")
+  resumed, hist_res = train_lib.train_supervised(
+      problem, cfg, workdir=run, resume=True, **kw)
+  # Epochs 1-3 came from the checkpoint (same timings), epoch 4 was rerun.
+  assert [r["seconds"] for r in hist_res[:3]] == [
+      r["seconds"] for r in hist_killed[:3]]
+  leaves_a, leaves_b = jax.tree.leaves(full), jax.tree.leaves(resumed)
+  assert len(leaves_a) == len(leaves_b)
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"}
+                     for r in h]
+  # JSON text, so that NaN (no AOV section ended yet) compares equal.
+  assert json.dumps(strip(hist_full)) == json.dumps(strip(hist_res))
+
+
+def _write_mushroom_like(folder: pathlib.Path, n=240, d=12, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 2, (n, d))
+  w = rng.standard_normal(d)
+  y = np.where(x @ w > np.median(x @ w), 2, 1)  # Labels 1/2, as mushrooms.
+  lines = [f"{y[i]} " + " ".join(f"{j + 1}:1" for j in np.flatnonzero(x[i]))
+           for i in range(n)]
+  (folder / "mushrooms.txt").write_text("\r\n".join(lines) + "\r\n")
+
+
+def test_rbf_kernel_example(tmp_path, monkeypatch):
+  from examples import rbf_kernel
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  _write_mushroom_like(data_dir)
+  monkeypatch.setenv("AALIG_DATA_DIR", str(data_dir))
+  monkeypatch.setenv("AALIG_CACHE_DIR", str(tmp_path / "cache"))
+  out = tmp_path / "runs"
+  rows = rbf_kernel.main([
+      "--datasets", "mushrooms", "--optimisers", "aalig,sps",
+      "--epochs", "3", "--batch-size", "32", "--num-centres", "100",
+      "--workdir", str(out), "--quiet", "--lr", "aalig=1", "--lr", "sps=1"])
+  results = json.loads((out / "results.json").read_text())
+  for key, hist in results["histories"].items():
+    assert _falls(hist, "train_loss"), key
+  assert all(r["val_acc"] > 0.6 for r in rows)
+  assert (out / "mushrooms.png").stat().st_size > 0
+
+
+def test_char_rnn_example(tmp_path):
+  from examples import char_rnn
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  (data_dir / "tinyshakespeare.txt").write_text(
+      "to be or not to be, that is the question.\n" * 60)
+  out = tmp_path / "runs"
+  char_rnn.main([
+      "--dataset", "tiny_shakespeare", "--data-dir", str(data_dir),
+      "--optimisers", "aalig", "--epochs", "3", "--batch-size", "16",
+      "--seq-len", "20", "--hidden", "32", "--lr", "aalig=1",
+      "--workdir", str(out), "--quiet"])
+  results = json.loads((out / "results.json").read_text())
+  (hist,) = results["histories"].values()
+  assert _falls(hist, "loss") and _falls(hist, "val_loss")
+  assert (out / "tiny_shakespeare.png").stat().st_size > 0
+
+
+def test_tfds_pipeline_indices_unique_and_stable():
+  tfds = _tfds()
+  with tfds.testing.mock_data(num_examples=50):
+    d = data_lib.load_tfds_images("cifar10")
+    source = tfds.data_source("cifar10", split="train")
+    assert d.num_train == len(source) == 50
+    # Position i of the arrays is record i of the TFDS split.
+    for i in (0, 17, 49):
+      np.testing.assert_array_equal(d.x_train[i], source[i]["image"])
+  by_epoch = []
+  for epoch in range(3):
+    seen = {}
+    for idx, mask in data_lib.epoch_batches(d.num_train, 16, 0, epoch):
+      for i, image in zip(idx[mask], d.x_train[idx[mask]]):
+        assert int(i) not in seen  # Unique within an epoch.
+        seen[int(i)] = image
+    assert sorted(seen) == list(range(50))
+    by_epoch.append(seen)
+  orders = [[int(i) for b, m in data_lib.epoch_batches(50, 16, 0, e)
+             for i in b[m]] for e in range(3)]
+  assert orders[0] != orders[1]  # Shuffled...
+  for i in range(50):  # ...but each index names the same example.
+    np.testing.assert_array_equal(by_epoch[0][i], by_epoch[2][i])
+
+
+def test_image_classification_example_on_mock_tfds(tmp_path):
+  tfds = _tfds()
+  from examples import image_classification
+  out = tmp_path / "runs"
+  with tfds.testing.mock_data(num_examples=64):
+    rows = image_classification.main([
+        "--dataset", "cifar10", "--optimisers", "aalig", "--epochs", "4",
+        "--batch-size", "32", "--max-train", "64", "--max-test", "32",
+        "--augment", "--width", "8", "--lr", "aalig=0.1",
+        "--workdir", str(out), "--quiet"])
+  results = json.loads((out / "results.json").read_text())
+  (hist,) = results["histories"].values()
+  assert _falls(hist, "loss")
+  assert 0.0 <= rows[0]["test_acc"] <= 1.0
+  assert (out / "cifar10.png").stat().st_size > 0
+  assert (out / "cifar10_aalig" / "ckpt").is_dir()
+
+
+def test_linen_example_on_mock_tfds(tmp_path):
+  tfds = _tfds()
+  from examples import linen_mlp
+  out = tmp_path / "runs"
+  with tfds.testing.mock_data(num_examples=64):
+    linen_mlp.main([
+        "--dataset", "cifar10", "--optimisers", "aalig,alig", "--epochs",
+        "4", "--batch-size", "16", "--max-train", "64", "--max-test", "32",
+        "--workdir", str(out), "--quiet"])
+  results = json.loads((out / "results.json").read_text())
+  for key, hist in results["histories"].items():
+    assert _falls(hist, "loss"), key
+    assert hist[-1]["step_size"] >= 0
+  assert (out / "cifar10.png").stat().st_size > 0

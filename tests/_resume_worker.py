@@ -22,6 +22,7 @@ import optax
 
 from aalig_optax import aalig
 from aalig_optax import restore_state
+from aalig_optax import state_shardings
 
 N, B, DIM = 40, 8, 3
 STEPS_PER_EPOCH = N // B  # 5
@@ -54,10 +55,12 @@ def batch(t):
   return idx.astype(np.int32), t in NAN_STEPS
 
 
-def make_step(opt):
+def make_step(opt, shardings=None):
   x, y = problem()
+  out = None if shardings is None else (shardings["params"],
+                                        shardings["opt_state"])
 
-  @jax.jit
+  @jax.jit(out_shardings=out)
   def step(params, opt_state, idx, poison):
     def per_example(w):
       pred = x[idx] @ w
@@ -82,9 +85,12 @@ def step_size_of(opt_state):
   return opt_state.inner_state[0].step_size
 
 
-def train(tree, stop, opt, on_step=None):
-  """Runs steps tree['step'] .. stop-1; returns (tree, step sizes)."""
-  step = make_step(opt)
+def train(tree, stop, opt, on_step=None, shardings=None):
+  """Runs steps tree['step'] .. stop-1; returns (tree, step sizes).
+
+  With `shardings` (a pytree like `tree`), every step keeps the state there.
+  """
+  step = make_step(opt, shardings)
   params, opt_state = tree["params"], tree["opt_state"]
   sizes = []
   for t in range(int(tree["step"]), stop):
@@ -99,16 +105,19 @@ def train(tree, stop, opt, on_step=None):
            "step": jnp.asarray(stop, jnp.int32)}, np.asarray(sizes))
 
 
-def table_sharding_like(tree, devices):
-  """`tree`'s abstract leaves, the [N] tables sharded over `devices`."""
+def table_shardings(tree, devices):
+  """Shardings for `tree`: AALIG's tables split over `devices`."""
   mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  P = jax.sharding.PartitionSpec
-  sharded = jax.sharding.NamedSharding(mesh, P("data"))
-  replicated = jax.sharding.NamedSharding(mesh, P())
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return {"params": replicated, "step": replicated,
+          "opt_state": state_shardings(tree["opt_state"], mesh,
+                                       table_axis="data")}
+
+
+def with_shardings(tree, shardings):
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(
-          x.shape, x.dtype,
-          sharding=sharded if x.shape == (N,) else replicated), tree)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
 
 
 def leaves(tree):
@@ -121,14 +130,16 @@ def main(argv):
   ckpt, out, loss_estimate, stop = argv[1], argv[2], argv[3], int(argv[4])
   opt = make_opt(loss_estimate)
   like = jax.eval_shape(lambda: initial(opt))
+  shardings = None
   if len(argv) > 5:
-    like = table_sharding_like(like, jax.devices()[:int(argv[5])])
+    shardings = table_shardings(like, jax.devices()[:int(argv[5])])
+    like = with_shardings(like, shardings)
   tree = restore_state(ckpt, like)
-  shardings = sorted({str(x.sharding.spec) if hasattr(x.sharding, "spec")
-                      else "single" for x in jax.tree.leaves(tree)})
-  tree, sizes = train(tree, stop, opt)
+  specs = sorted({str(x.sharding.spec) if hasattr(x.sharding, "spec")
+                  else "single" for x in jax.tree.leaves(tree)})
+  tree, sizes = train(tree, stop, opt, shardings=shardings)
   np.savez(out, __step_sizes__=sizes, __devices__=len(jax.devices()),
-           __shardings__=np.asarray(shardings), **leaves(tree))
+           __shardings__=np.asarray(specs), **leaves(tree))
 
 
 if __name__ == "__main__":

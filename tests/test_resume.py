@@ -100,14 +100,24 @@ def test_resume_with_sharded_tables_on_another_device_count(tmp_path,
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 (simulated) devices")
   opt = w.make_opt("best_epoch")
-  start = jax.device_put(
-      w.initial(opt),
-      jax.tree.map(lambda s: s.sharding,
-                   w.table_sharding_like(jax.eval_shape(
-                       lambda: w.initial(opt)), jax.devices()[:8])))
+  shardings = w.table_shardings(jax.eval_shape(lambda: w.initial(opt)),
+                                jax.devices()[:8])
+  start = jax.device_put(w.initial(opt), shardings)
   assert len(start["opt_state"].inner_state[0].aov.sharding.device_set) == 8
   ckpt = tmp_path / "ckpt"
-  full, sizes, _ = _run_with_checkpoint(opt, ckpt, start=start)
+  saved = {}
+
+  def on_step(t, tree):
+    if t == CHECKPOINT_AT:
+      saved["aov"] = tree["opt_state"].inner_state[0].aov
+      save_state(ckpt, tree)
+
+  full, sizes = w.train(start, STOP, opt, on_step=on_step,
+                        shardings=shardings)
+  # The tables stayed split in 8 (5 rows a device) up to the checkpoint.
+  assert saved["aov"].sharding.spec == jax.sharding.PartitionSpec("data")
+  assert {s.data.shape for s in saved["aov"].addressable_shards} == {
+      (w.N // 8,)}
   resumed = _fresh_process(ckpt, tmp_path / "out.npz", "best_epoch",
                            devices=devices_after, device_count=devices_after)
   assert int(resumed["__devices__"]) == devices_after

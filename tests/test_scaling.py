@@ -360,10 +360,16 @@ def test_donated_step_copies_no_table():
   assert re.search(r"conditional\(", text)
 
 
-def test_sharded_step_gathers_no_table():
-  """With tables split over 8 devices, no collective moves table rows."""
+@pytest.mark.parametrize("table_axis", [None, "data"])
+def test_multi_device_step_moves_no_table(table_axis):
+  """On 8 devices with a sharded batch, no collective moves table rows.
+
+  Only batch-sized arrays and scalars cross devices, whether the tables are
+  split (N/8 rows each) or replicated, and no table is copied.
+  """
   n_ex = 8 * 512
-  text = _compiled_step_text(8, "data", n_ex)
+  local = n_ex // 8 if table_axis else n_ex
+  text = _compiled_step_text(8, table_axis, n_ex)
   collectives = [l for l in text.splitlines() if re.search(
       r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)", l)]
   assert collectives  # the batch's rows and the scalar sums do move
@@ -371,7 +377,7 @@ def test_sharded_step_gathers_no_table():
     big = [l for l in collectives if re.search(rf"\[{size}\]", l)]
     assert not big, big[:3]
   copies = [l for l in text.splitlines()
-            if re.search(rf"\[{n_ex // 8}\]\S* copy\(", l)]
+            if re.search(rf"\[{local}\]\S* copy\(", l)]
   assert not copies, copies[:3]
 
 

@@ -147,7 +147,7 @@ def save_state(directory: str | os.PathLike, state: Any, *,
 
 def restore_state(directory: str | os.PathLike, like: Any, *,
                   verify_checksums: bool = True) -> Any:
-  """Restores a checkpoint written by :func:`save_state`, checked against `like`.
+  """Restores a checkpoint of :func:`save_state`, checked against `like`.
 
   The stored leaves' paths, shapes and dtypes are compared with `like` before
   any array is read, and the restored tree is checked again: nothing is
@@ -219,10 +219,13 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
     checkpointer.close()
   validate_state(restored, abstract)
   if checksums is not None:
-    damaged = [p for p, entry in _manifest(restored).items()
-               if p not in checksums or (
-                   entry["sha256"] is not None
-                   and checksums[p].get("sha256") not in (None, entry["sha256"]))]
+    damaged = []
+    for p, entry in _manifest(restored).items():
+      stored_sum = checksums.get(p, {}).get("sha256", "missing")
+      if p not in checksums or (
+          entry["sha256"] is not None
+          and stored_sum not in (None, entry["sha256"])):
+        damaged.append(p)
     if damaged:
       raise ValueError(
           f"The checkpoint at {path} is corrupt: the restored values of "

@@ -11,7 +11,7 @@ Data: ``war-and-peace.txt`` from ``../shared/data/`` (or ``$AALIG_DATA_DIR``)
 with DeepOBS's split (the last 20% is the test set); ``--dataset
 tiny_shakespeare`` is the small fallback.
 
-Run (offline default: the first 500,000 characters, 3 epochs, aalig / adam /
+Run (offline default: the first 300,000 characters, 3 epochs, aalig / adam /
 sgd, a few minutes on 2 CPU cores)::
 
     python -m examples.char_rnn
@@ -95,7 +95,7 @@ def main(argv=None):
                       help="folder with the text (default ../shared/data)")
   parser.add_argument("--seq-len", type=int, default=50)
   parser.add_argument("--hidden", type=int, default=128)
-  parser.add_argument("--max-chars", type=int, default=500_000,
+  parser.add_argument("--max-chars", type=int, default=300_000,
                       help="use the first N characters (0: all)")
   parser.add_argument("--max-test-seqs", type=int, default=2000,
                       help="0: all")

@@ -14,7 +14,7 @@ TFDS image set (``cifar10``, ``cifar100``, ``svhn_cropped``, ...) is read
 with ``tfds.data_source`` (ArrayRecord, no TensorFlow), ``--download``
 preparing it on a connected machine.
 
-Run (offline default: 10,000 Fashion-MNIST images, 3 epochs, ~3 min on 2 CPU
+Run (offline default: 6,000 Fashion-MNIST images, 3 epochs, ~4 min on 2 CPU
 cores)::
 
     python -m examples.image_classification
@@ -116,7 +116,7 @@ def main(argv=None):
                       optimisers=("aalig", "sgd", "adam"),
                       workdir="runs/image_classification")
   parser.add_argument("--dataset", default="fashion_mnist")
-  parser.add_argument("--max-train", type=int, default=10000,
+  parser.add_argument("--max-train", type=int, default=6000,
                       help="train on the first N images (0: all)")
   parser.add_argument("--max-test", type=int, default=2000,
                       help="evaluate on the first N test images (0: all)")

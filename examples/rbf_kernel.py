@@ -13,10 +13,11 @@ default takes 2,000 random training points as centres (a Nystrom-style
 subset) and evaluates on 10,000 validation points; ``--paper`` uses the full
 kernel for both (a GPU with enough memory).
 
-Run::
+Run (10 epochs on both sets, about 2 minutes on 2 CPU cores)::
 
-    python -m examples.rbf_kernel                     # both data sets
-    python -m examples.rbf_kernel --datasets mushrooms --epochs 10
+    python -m examples.rbf_kernel
+    python -m examples.rbf_kernel --datasets mushrooms --epochs 35
+    python -m examples.rbf_kernel --paper      # exact kernels, 35 epochs
 
 Data: ``mushrooms.txt`` and ``ijcnn1.trn.bz2`` from ``../shared/data/``
 (or ``$AALIG_DATA_DIR``), else downloaded from the LIBSVM site.
@@ -41,9 +42,12 @@ from examples.common import models
 from examples.common import train as train_lib
 
 SIGMAS = {"mushrooms": 0.5, "ijcnn1": 0.05}
-# Powers of ten picked on the validation accuracy of seed 0.
-DEFAULT_LRS = {"aalig": 10.0, "alig": 10.0, "sps": 10.0, "adam": 0.01,
-               "sgd": 10.0}
+# Powers of ten picked on the validation accuracy of seed 0 (10 epochs on
+# mushrooms, 5 on ijcnn1; the same values won on both). RBF features are
+# small, so gradients are too: the Polyak step sizes stay well below these
+# maxima most of the time.
+DEFAULT_LRS = {"aalig": 1000.0, "alig": 1000.0, "sps": 1000.0, "adam": 0.1,
+               "sgd": 1000.0}
 
 
 def logistic_loss(logits, y):
@@ -85,19 +89,24 @@ def make_problem(name: str, num_centres=None, max_val=None, seed: int = 0,
       data_lib.rbf_features(x_te, centres, sigma), y_te, 2, name)
   return train_lib.Problem(
       data=feats,
-      make_model=lambda rngs: models.LinearModel(len(centres), rngs=rngs),
+      # No bias, as a kernel model: with the exact kernel each point's own
+      # similarity K(x, x) = 1 is a feature. (A bias let the Polyak steps
+      # chase it, and lowered the validation accuracy in our runs.)
+      make_model=lambda rngs: models.LinearModel(len(centres), use_bias=False,
+                                                 rngs=rngs),
       per_example_loss=logistic_loss, accuracy=accuracy, name=name)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=20, batch_size=100,
+  cli.add_common_args(parser, epochs=10, batch_size=100,
                       optimisers=train_lib.OPTIMISERS,
                       workdir="runs/rbf_kernel")
   parser.add_argument("--datasets", default="mushrooms,ijcnn1")
-  parser.add_argument("--num-centres", type=int, default=2000,
-                      help="kernel centres (random training points) when "
-                      "the training set is larger; 0 for all")
+  parser.add_argument("--num-centres", type=int, default=-1,
+                      help="kernel centres (random training points); 0: all "
+                      "(the exact kernel); -1: all up to 10,000 training "
+                      "points, else 2,000")
   parser.add_argument("--max-val", type=int, default=10000)
   parser.add_argument("--max-train", type=int, default=None)
   parser.add_argument("--momentum", type=float, default=0.0)
@@ -113,8 +122,11 @@ def main(argv=None):
   histories = {}
   t_start = time.time()
   for name in args.datasets.split(","):
-    problem = make_problem(name, args.num_centres or None, args.max_val,
-                           args.seed, args.max_train)
+    centres = args.num_centres
+    if centres < 0:
+      centres = 0 if name == "mushrooms" else 2000
+    problem = make_problem(name, centres or None, args.max_val, args.seed,
+                           args.max_train)
     print(f"{name}: {problem.data.num_train} train x "
           f"{problem.data.x_train.shape[1]} RBF features "
           f"(sigma={SIGMAS[name]}), {len(problem.data.y_test)} validation")

@@ -63,13 +63,16 @@ class LinearModel(nnx.Module):
 
   Args:
     in_dim: number of features.
+    use_bias: add a bias (off for kernel models, whose features already
+      include each centre's own similarity).
     rngs: initialisation randomness (weights start at zero, as usual for
       convex problems).
   """
 
-  def __init__(self, in_dim: int, *, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(in_dim, 1, kernel_init=nnx.initializers.zeros,
-                             rngs=rngs)
+  def __init__(self, in_dim: int, use_bias: bool = True, *,
+               rngs: nnx.Rngs):
+    self.linear = nnx.Linear(in_dim, 1, use_bias=use_bias,
+                             kernel_init=nnx.initializers.zeros, rngs=rngs)
 
   def __call__(self, x, train: bool = True):
     del train

@@ -153,10 +153,13 @@ def logged_step_size(cfg: OptConfig, opt_state, grads, loss, total_steps):
   if cfg.name == "sps":
     sq = optax.tree.norm(grads, squared=True)
     return jnp.minimum(jnp.maximum(loss, 0.0) / (sq + 1e-8), cfg.lr)
-  counts = [s.count for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda s: hasattr(s, "count"))
-            if hasattr(s, "count")]
-  count = counts[0] if counts else 0
+  # NamedTuple states with a `count` field (not tuple.count, a method).
+  has_count = lambda s: "count" in getattr(s, "_fields", ())
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=has_count)
+            if has_count(s)]
+  # The state's count is already incremented: the step just taken used
+  # the schedule at count - 1.
+  count = counts[0] - 1 if counts else 0
   return jnp.asarray(_lr_schedule(cfg, total_steps)(count), jnp.float32)
 
 
@@ -368,7 +371,7 @@ def make_evaluator(problem: Problem, graphdef, batch_size: int = 1000):
 
   @jax.jit
   def batch_sums(params, rest, x, y, mask):
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     out = model(problem.preprocess(x), train=False)
     losses = problem.per_example_loss(out, y)
     m = mask.astype(jnp.float32)
@@ -448,7 +451,10 @@ def train_supervised(problem: Problem, cfg: OptConfig, *, batch_size: int,
   total_steps = spe * num_epochs
 
   def loss_fn(params, rest, x, y, mask):
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables at this trace level, so that batch norm can
+    # update its statistics under value_and_grad (flax 0.12 refuses to
+    # mutate Variables that wrap arrays from another trace).
+    model = nnx.merge(graphdef, params, rest, copy=True)
     losses = problem.per_example_loss(model(x, train=True), y)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return _masked_mean(losses, mask), (losses, new_rest)

@@ -199,6 +199,8 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
     restore_state(tmp_path / "nowhere", {"a": jnp.zeros(2)})
 
 
+# Orbax's reader coroutines, abandoned on a damaged file, warn when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_or_missing_files_never_restore_wrong_values(tmp_path):
   """Each file of a checkpoint truncated, or removed, in turn."""
   opt = aalig(0.1, 4000, 5, 2)

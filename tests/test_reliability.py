@@ -595,7 +595,7 @@ def test_out_of_range_index_under_shard_map_is_counted_on_every_replica():
 
   step = jax.jit(jax.shard_map(per_replica, mesh=mesh,
                                in_specs=(P(), P("b"), P("b")),
-                               out_specs=P("b"), check_vma=False))
+                               out_specs=P("b")))
   state = step(tx.init(None), jnp.ones(4), jnp.array([0, N, 1, -3]))
   np.testing.assert_array_equal(np.asarray(state.num_invalid), [2, 2])
   last = np.asarray(state.last_loss)

@@ -241,7 +241,7 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
         evaluate: Optional[Callable] = None,
         epoch_metrics: Optional[Callable] = None, resume: bool = False,
         desc: str = "", verbose: bool = True, log_every: int = 10,
-        max_steps_per_epoch: Optional[int] = None):
+        max_steps_per_epoch: Optional[int] = None, trace_points: int = 20):
   """Trains for `num_epochs` epochs, checkpointing after each.
 
   Args:
@@ -263,6 +263,8 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
     verbose: print one line of metrics per epoch.
     log_every: steps between progress-bar refreshes (each forces a sync).
     max_steps_per_epoch: cut epochs short (quick runs and tests).
+    trace_points: per epoch, the number of chunk means of the batch loss and
+      step size kept (``trace_loss``, ``trace_step_size``).
 
   Returns:
     ``(state, history)``; `history` is a list of one dict per epoch.
@@ -311,6 +313,14 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
         step_size_min=float(np.min(stacked["step_size"])),
         step_size_max=float(np.max(stacked["step_size"])),
     )
+    # A coarse within-epoch trace (up to `trace_points` chunk means) for the
+    # Figure 4 panel, small enough to keep in the JSON history.
+    chunks = np.array_split(np.arange(len(step_metrics)),
+                            min(trace_points, len(step_metrics)))
+    record["trace_loss"] = [float(np.sum(stacked["loss"][c] * n[c])
+                                  / max(np.sum(n[c]), 1.0)) for c in chunks]
+    record["trace_step_size"] = [float(np.mean(stacked["step_size"][c]))
+                                 for c in chunks]
     if epoch_metrics is not None:
       record.update(_floats(epoch_metrics(state)))
     if evaluate is not None:
@@ -322,7 +332,7 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
     if verbose:
       shown = {k: v for k, v in record.items() if k not in (
           "epoch", "step_size_min", "step_size_max", "sections_done",
-          "num_invalid")}
+          "num_invalid", "trace_loss", "trace_step_size")}
       bar.write(f"[{desc}] epoch {epoch + 1}/{num_epochs} " + " ".join(
           f"{k}={v:.4g}" for k, v in shown.items()))
   bar.close()
@@ -520,15 +530,35 @@ def format_table(rows: Sequence[Mapping[str, Any]],
   return "\n".join(lines)
 
 
+def _traces(hist):
+  """(fractional epochs, batch-loss trace, step-size trace) of a history."""
+  xs, losses, steps = [], [], []
+  for r in hist:
+    tl = r.get("trace_loss", [r["loss"]])
+    ts = r.get("trace_step_size", [r["step_size"]])
+    k = len(tl)
+    xs += [r["epoch"] - 1 + (i + 1) / k for i in range(k)]
+    losses += tl
+    steps += ts
+  return xs, losses, steps
+
+
+def _linthresh(histories):
+  positive = [v for h in histories.values() for r in h
+              for v in r.get("trace_step_size", [r["step_size"]]) if v > 0]
+  return float(min(positive)) if positive else 1e-3
+
+
 def plot_runs(histories: Mapping[str, list], path, *,
               train_key: str = "loss", val_key: Optional[str] = None,
               val_label: str = "validation", title: str = "",
               log_train: bool = True) -> None:
   """Writes a 2x2 PNG: training loss, validation metric, step size, AALIG.
 
-  The fourth panel is the paper's Figure 4 for the AALIG run (the first run
-  whose history has ``mean_aov``): its mean training loss and mean AOV per
-  epoch, and its mean step size on a second axis.
+  The step-size panel and the fourth panel use the within-epoch traces.
+  The fourth is the paper's Figure 4 for the AALIG run (the first run whose
+  history has ``mean_aov``): its batch loss, its mean AOV (a step function:
+  the AOVs move at section ends) and its step size on a second axis.
 
   Args:
     histories: label -> per-epoch records (from :func:`fit`).
@@ -550,12 +580,15 @@ def plot_runs(histories: Mapping[str, list], path, *,
     ax_tr.plot(ep, [r[train_key] for r in hist], label=label)
     if val_key is not None:
       ax_val.plot(ep, [r.get(val_key, np.nan) for r in hist], label=label)
-    ax_step.plot(ep, [r["step_size"] for r in hist], label=label)
+    tx, _, ts = _traces(hist)
+    ax_step.plot(tx, ts, label=label)
   if log_train:
     ax_tr.set_yscale("log")
   ax_tr.set(xlabel="epoch", ylabel=f"training loss ({train_key})")
   ax_val.set(xlabel="epoch", ylabel=val_label)
-  ax_step.set(xlabel="epoch", ylabel="mean step size", yscale="log")
+  ax_step.set(xlabel="epoch", ylabel="step size (chunk means)",
+              yscale="symlog", ylim=(0, None))
+  ax_step.set_yscale("symlog", linthresh=_linthresh(histories))
   for ax in (ax_tr, ax_val, ax_step):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -563,12 +596,18 @@ def plot_runs(histories: Mapping[str, list], path, *,
                 if h and "mean_aov" in h[0]]
   if aalig_runs:
     label, hist = aalig_runs[0]
-    ep = [r["epoch"] for r in hist]
-    ax_aov.plot(ep, [r["loss"] for r in hist], label="mean loss")
-    ax_aov.plot(ep, [r["mean_aov"] for r in hist], label="mean AOV")
-    ax_aov.set(xlabel="epoch", ylabel="loss", title=f"{label}: Figure 4")
+    tx, tl, ts = _traces(hist)
+    ax_aov.plot(tx, tl, label="batch loss")
+    # The AOVs only move at section ends, which are epoch ends.
+    ax_aov.step([0] + [r["epoch"] for r in hist],
+                [0.0] + [r["mean_aov"] for r in hist], where="post",
+                label="mean AOV")
+    ax_aov.set(xlabel="epoch", ylabel="loss (symlog)",
+               title=f"{label}: Figure 4")
+    positive = [v for v in tl + [r["mean_aov"] for r in hist] if v > 0]
+    ax_aov.set_yscale("symlog", linthresh=min(positive) if positive else 1)
     twin = ax_aov.twinx()
-    twin.plot(ep, [r["step_size"] for r in hist], "g:", label="step size")
+    twin.plot(tx, ts, "g:", label="step size")
     twin.set_ylabel("mean step size")
     lines = ax_aov.get_legend_handles_labels()
     lines2 = twin.get_legend_handles_labels()

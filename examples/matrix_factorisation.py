@@ -87,7 +87,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   cli.add_common_args(parser, epochs=50, batch_size=100,
                       optimisers=train_lib.OPTIMISERS,
-                      workdir="runs/matrix_factorisation")
+                      workdir="runs/matrix_factorisation", quiet=True)
   parser.add_argument("--problems", default=",".join(PROBLEMS),
                       help=f"comma-separated, from {list(PROBLEMS)}")
   parser.add_argument("--momentum", type=float, default=0.0,

@@ -12,8 +12,8 @@ from examples.common import train as train_lib
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int,
                     batch_size: int, optimisers: Sequence[str],
-                    workdir: str) -> None:
-  """Adds the flags every example has."""
+                    workdir: str, quiet: bool = False) -> None:
+  """Adds the flags every example has; `quiet` is the default of --quiet."""
   parser.add_argument("--epochs", type=int, default=epochs)
   parser.add_argument("--batch-size", type=int, default=batch_size)
   parser.add_argument("--optimisers", default=",".join(optimisers),
@@ -29,8 +29,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int,
                       help="continue each run from its latest checkpoint")
   parser.add_argument("--steps-per-epoch", type=int, default=None,
                       help="cut epochs short (smoke tests)")
-  parser.add_argument("--quiet", action="store_true",
-                      help="no per-epoch lines")
+  parser.add_argument("--quiet", action="store_true", default=quiet,
+                      help="no per-epoch lines" + (" (default)" if quiet
+                                                   else ""))
+  parser.add_argument("--verbose", dest="quiet", action="store_false",
+                      help="one line of metrics per epoch" + (
+                          "" if quiet else " (default)"))
 
 
 def optimiser_configs(args, default_lrs: Mapping[str, float],

@@ -101,6 +101,9 @@ def train(data: data_lib.ArrayDataset, cfg: train_lib.OptConfig, *,
   state = TrainState.create(
       apply_fn=model.apply,
       params=model.init(jax.random.PRNGKey(seed), sample)["params"], tx=tx)
+  # An int32 array, not create()'s Python 0: the first step would otherwise
+  # return a different type and the step would compile twice.
+  state = state.replace(step=jnp.zeros([], jnp.int32))
   train_data = dict(x=jnp.asarray(data.x_train), y=jnp.asarray(data.y_train))
   norm = lambda im: im.astype(jnp.float32) / 255.0 - 0.5
 

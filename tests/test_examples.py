@@ -26,6 +26,10 @@ from examples.common import data as data_lib  # noqa: E402
 from examples.common import models  # noqa: E402
 from examples.common import train as train_lib  # noqa: E402
 
+# Every example's train step must compile once per run.
+pytestmark = pytest.mark.filterwarnings(
+    "error::examples.common.train.RecompileWarning")
+
 
 def _falls(history, key):
   return history[-1][key] < history[0][key]
@@ -96,6 +100,34 @@ def test_resnet8_is_the_papers_small_resnet():
   n = models.count_params(
       nnx.eval_shape(lambda: models.ResNet8(10, 3, rngs=nnx.Rngs(0))))
   assert 70_000 < n < 95_000
+
+
+# --------------------------------------------------------------------------
+# The training loop.
+
+
+def test_fit_compiles_once_and_donates_the_state(tmp_path):
+  import warnings
+  import jax.numpy as jnp
+  state = {"w": jnp.zeros(3), "n": jnp.zeros([], jnp.int32)}
+  first = state["w"]
+
+  def step(state, data, idx, mask):
+    g = jnp.mean(data["x"][idx] * mask[:, None], axis=0)
+    new = {"w": state["w"] - 0.1 * (state["w"] - g), "n": state["n"] + 1}
+    return new, dict(loss=jnp.sum(new["w"] ** 2), step_size=jnp.float32(0.1),
+                     count=jnp.sum(mask, dtype=jnp.float32))
+
+  data = {"x": jnp.ones((10, 3))}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", train_lib.RecompileWarning)
+    # 10 examples in batches of 4: the last batch is padded, same shape.
+    out, hist = train_lib.fit(state, step, data, num_examples=10,
+                              batch_size=4, num_epochs=2, seed=0,
+                              workdir=tmp_path, verbose=False)
+  assert first.is_deleted()  # Donated to the first step.
+  assert int(out["n"]) == 6 and len(hist) == 2
+  assert len(hist[0]["trace_loss"]) == 3
 
 
 # --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import math
 import pathlib
 import shutil
 import time
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -232,6 +233,10 @@ class Checkpointer:
 # The generic loop.
 
 
+class RecompileWarning(UserWarning):
+  """The jitted train step was traced more than once in a run."""
+
+
 def _floats(d: Mapping[str, Any]) -> dict:
   return {k: float(np.asarray(v)) for k, v in d.items()}
 
@@ -336,6 +341,11 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
       bar.write(f"[{desc}] epoch {epoch + 1}/{num_epochs} " + " ".join(
           f"{k}={v:.4g}" for k, v in shown.items()))
   bar.close()
+  compiles = getattr(step_fn, "_cache_size", lambda: 1)()
+  if compiles > 1:
+    warnings.warn(f"[{desc}] the train step was compiled {compiles} times; "
+                  "batch shapes or dtypes changed between steps.",
+                  RecompileWarning)
   return state, history
 
 

@@ -7,8 +7,9 @@ over 1% test accuracy; it is not an interpolation problem). An example is a
 sequence (non-overlapping 51-character windows of the training text), so an
 AOV is the optimal value of a sequence's mean per-character loss.
 
-Data: ``war-and-peace.txt`` from ``../shared/data/`` (or ``$AALIG_DATA_DIR``)
-with DeepOBS's split (the last 20% is the test set); ``--dataset
+Data: ``war-and-peace.txt`` from ``--data-dir``, ``../shared/data/`` or
+``$AALIG_DATA_DIR``, else downloaded (Project Gutenberg #2600), with
+DeepOBS's split (the last 20% is the test set); ``--dataset
 tiny_shakespeare`` is the small fallback.
 
 Run (offline default: the first 300,000 characters, 3 epochs, aalig / adam /

@@ -459,6 +459,25 @@ class TextData:
 
 _TEXT_FILES = {"tolstoi": "war-and-peace.txt",
                "tiny_shakespeare": "tinyshakespeare.txt"}
+_TEXT_URLS = {
+    "tolstoi": "https://www.gutenberg.org/cache/epub/2600/pg2600.txt",
+    "tiny_shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/"
+                        "master/data/tinyshakespeare/input.txt",
+}
+
+
+def _text_path(name: str, data_dir=None) -> pathlib.Path:
+  fname = _TEXT_FILES[name]
+  folders = ([pathlib.Path(data_dir)] if data_dir else []) + [
+      shared_data_dir(), cache_dir()]
+  for folder in folders:
+    if (folder / fname).exists():
+      return folder / fname
+  target = cache_dir() / fname
+  print(f"{fname} not found in {[str(f) for f in folders[:-1]]}; "
+        f"downloading {_TEXT_URLS[name]} to {target}")
+  urllib.request.urlretrieve(_TEXT_URLS[name], target)
+  return target
 
 
 def load_text(name: str = "tolstoi", data_dir=None,
@@ -474,20 +493,17 @@ def load_text(name: str = "tolstoi", data_dir=None,
 
   Args:
     name: ``"tolstoi"`` or ``"tiny_shakespeare"``.
-    data_dir: folder with the text file (default :func:`shared_data_dir`).
+    data_dir: a folder to look in first for ``war-and-peace.txt`` /
+      ``tinyshakespeare.txt``; then :func:`shared_data_dir`, then
+      :func:`cache_dir`, then the text is downloaded (Project Gutenberg
+      #2600 / karpathy/char-rnn) into the cache.
     test_fraction: share of the text at its end held out.
     max_chars: keep only the first characters of the text (quick runs).
 
   Returns:
     A :class:`TextData`.
   """
-  folder = pathlib.Path(data_dir) if data_dir else shared_data_dir()
-  path = folder / _TEXT_FILES[name]
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found; set AALIG_DATA_DIR to the folder holding "
-        f"{_TEXT_FILES[name]}.")
-  text = path.read_text(encoding="utf-8")
+  text = _text_path(name, data_dir).read_text(encoding="utf-8")
   if max_chars:
     text = text[:max_chars]
   vocab = sorted(set(text))

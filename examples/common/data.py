@@ -93,10 +93,15 @@ def shared_data_dir() -> pathlib.Path:
 
 def cache_dir() -> pathlib.Path:
   """Where downloads go: ``$AALIG_CACHE_DIR`` or ``~/.cache/aalig_optax``."""
-  path = pathlib.Path(os.environ.get(
+  return pathlib.Path(os.environ.get(
       "AALIG_CACHE_DIR", pathlib.Path.home() / ".cache" / "aalig_optax"))
-  path.mkdir(parents=True, exist_ok=True)
-  return path
+
+
+def _download(url: str, target: pathlib.Path) -> pathlib.Path:
+  target.parent.mkdir(parents=True, exist_ok=True)
+  print(f"Downloading {url} to {target}")
+  urllib.request.urlretrieve(url, target)
+  return target
 
 
 def train_test_split(n: int, test_fraction: float, seed: int
@@ -250,10 +255,7 @@ def _libsvm_path(name: str, data_dir=None) -> pathlib.Path:
     for fname in (local, remote):
       if (folder / fname).exists():
         return folder / fname
-  target = cache_dir() / remote
-  print(f"Downloading {LIBSVM_URL + remote} to {target}")
-  urllib.request.urlretrieve(LIBSVM_URL + remote, target)
-  return target
+  return _download(LIBSVM_URL + remote, cache_dir() / remote)
 
 
 def load_libsvm(name: str, data_dir=None, test_fraction: float = 0.2,
@@ -473,11 +475,8 @@ def _text_path(name: str, data_dir=None) -> pathlib.Path:
   for folder in folders:
     if (folder / fname).exists():
       return folder / fname
-  target = cache_dir() / fname
-  print(f"{fname} not found in {[str(f) for f in folders[:-1]]}; "
-        f"downloading {_TEXT_URLS[name]} to {target}")
-  urllib.request.urlretrieve(_TEXT_URLS[name], target)
-  return target
+  print(f"{fname} not found in {[str(f) for f in folders]}.")
+  return _download(_TEXT_URLS[name], cache_dir() / fname)
 
 
 def load_text(name: str = "tolstoi", data_dir=None,

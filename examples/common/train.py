@@ -285,8 +285,8 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
   if latest is not None:
     state, history = ckpt.restore(latest, state)
     start_epoch = latest + 1
-    if verbose:
-      print(f"[{desc}] resumed from {workdir / 'ckpt'} at epoch {start_epoch}")
+    print(f"[{desc}] resumed from {workdir / 'ckpt'} after epoch "
+          f"{start_epoch}")
 
   step_fn = jax.jit(train_step, donate_argnums=0)
   spe = data_lib.steps_per_epoch(num_examples, batch_size)

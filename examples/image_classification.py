@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from examples.common import cli
 from examples.common import data as data_lib
@@ -146,10 +147,11 @@ def main(argv=None):
       common=dict(momentum=args.momentum, weight_decay=args.weight_decay),
       sgd=dict(schedule="step"), adam=dict(momentum=0.0),
       sps=dict(momentum=0.0))
+  num_params = models.count_params(
+      nnx.eval_shape(lambda: problem.make_model(nnx.Rngs(0))))
   print(f"{data.name}: {data.num_train} train / {len(data.y_test)} test "
         f"images {data.x_train.shape[1:]}, {data.num_classes} classes; "
-        f"ResNet8 with {models.count_params(problem.make_model(__import__('flax').nnx.Rngs(0)))} "
-        "parameters")
+        f"ResNet8 with {num_params} parameters")
   workdir = pathlib.Path(args.workdir)
   rows, histories = [], {}
   t_start = time.time()

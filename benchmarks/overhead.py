@@ -1,0 +1,264 @@
+"""Step overhead: the same jitted, donated Flax train step under each optimiser.
+
+For each model (the paper's small ResNet on 32x32x3 batches of 128, and an
+MLP on the same batches) and each optimiser, one train step is compiled once:
+forward, per-example losses, gradient of their mean, ``tx.update`` (given
+``value=``, ``losses=`` and ``indices=``), ``optax.apply_updates``; params,
+BatchNorm statistics and optimiser state are donated. The optimisers then run
+interleaved (A B C ... A B C ..., the order rotated every round), each turn a
+few steps closed by ``block_until_ready``; we report the median seconds per
+step and its ratio to ``optax.sgd(momentum=0.9, nesterov=True)``.
+
+Where the time goes: the optimiser part alone (``tx.update`` plus
+``apply_updates`` on the model's parameter shapes, jitted and donated) is
+timed the same way, and its compiled HLO is summarised (top-level kernels by
+opcode, XLA's flop and byte estimates). For AALIG it is also timed with a
+table of 1.2M examples (ImageNet-sized) to check that a step's cost does not
+grow with N (only the section end is O(N)).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks import _optimizers
+from benchmarks import _sources
+
+# Optimisers of the step-overhead benchmark, with the hyperparameters used
+# (the values do not change the cost).
+OVERHEAD_OPTS = {
+    "sgd": 0.1,
+    "aalig": 0.1,
+    "aalig_chain": 0.1,
+    "alig": 0.1,
+    "sps": 1.0,
+    "adam": 1e-3,
+    "prodigy": 1.0,
+    "dog": 1.0,
+    "dadapt": 1.0,
+}
+
+
+def _split(model):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, rest
+
+
+def make_train_step(graphdef, tx):
+  """One jitted, donated train step (params, rest, opt_state donated)."""
+
+  def loss_fn(params, rest, x, y):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    logits = model(x, train=True)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return jnp.mean(losses), (losses, new_rest)
+
+  def step(params, rest, opt_state, x, y, idx):
+    (loss, (losses, rest)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params, rest, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss,
+                                   losses=losses, indices=idx)
+    params = optax.apply_updates(params, updates)
+    return params, rest, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_opt_part(tx):
+  """The optimiser part alone: update + apply_updates, params/state donated."""
+
+  def part(params, opt_state, grads, loss, losses, idx):
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss,
+                                   losses=losses, indices=idx)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(part, donate_argnums=(0, 1))
+
+
+_OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
+
+
+def hlo_summary(compiled) -> dict[str, Any]:
+  """Top-level (ENTRY) instructions by opcode, and XLA's cost estimates."""
+  text = compiled.as_text()
+  entry = collections.Counter()
+  in_entry = False
+  for line in text.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+      continue
+    if in_entry:
+      if line.startswith("}"):
+        break
+      m = _OP_RE.search(line)
+      if m:
+        entry[m.group(1)] += 1
+  skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+  kernels = {k: v for k, v in sorted(entry.items()) if k not in skip}
+  out = {"entry_ops": kernels, "num_kernels": int(sum(kernels.values()))}
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    out["flops"] = float(cost.get("flops", float("nan")))
+    out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def _interleave(fns: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+  """Runs each fn `steps` times per turn, turns interleaved, order rotated."""
+  names = list(fns)
+  times = {n: [] for n in names}
+  for r in range(rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      t0 = time.perf_counter()
+      fns[n](steps)
+      times[n].append((time.perf_counter() - t0) / steps)
+  return times
+
+
+def _summ(ts: list[float], ref: list[float]) -> dict[str, float]:
+  med, ref_med = statistics.median(ts), statistics.median(ref)
+  q = np.quantile(np.asarray(ts), [0.25, 0.75])
+  # Ratio of per-round times (the same round shares the machine's load).
+  paired = [a / b for a, b in zip(ts, ref)]
+  return {
+      "median_s": med,
+      "q25_s": float(q[0]),
+      "q75_s": float(q[1]),
+      "ratio_to_sgd": med / ref_med,
+      "paired_ratio_median": statistics.median(paired),
+      "paired_ratio_q25": float(np.quantile(paired, 0.25)),
+      "paired_ratio_q75": float(np.quantile(paired, 0.75)),
+      "rounds": len(ts),
+  }
+
+
+def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
+  batch, num_examples = cfg["batch"], cfg["num_examples"]
+  spe = num_examples // batch
+  model = _sources.make_model(model_name, num_classes=10, in_shape=(32, 32, 3),
+                              seed=0)
+  graphdef, params0, rest0 = _split(model)
+  n_params = int(sum(x.size for x in jax.tree.leaves(params0)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  idx_all = jnp.asarray(rng.integers(0, num_examples, (64, batch)), jnp.int32)
+  # The paper: 200 epochs in K=10 sections, so 20 epochs a section.
+  ctx = _optimizers.Context(num_examples, spe, 200)
+  names = [n for n in cfg["optimizers"]]
+
+  steps, states, parts = {}, {}, {}
+  hlo_step, hlo_part = {}, {}
+  grads0 = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params0)
+  losses0 = jnp.ones((batch,), jnp.float32)
+  for n in names:
+    tx = _optimizers.build(n, OVERHEAD_OPTS[n], 0.0, ctx)
+    step = make_train_step(graphdef, tx)
+    copy = lambda t: jax.tree.map(jnp.array, t)
+    p, r = copy(params0), copy(rest0)
+    s = copy(tx.init(p))
+    t0 = time.perf_counter()
+    compiled = step.lower(p, r, s, x, y, idx_all[0]).compile()
+    compile_s = time.perf_counter() - t0
+    hlo_step[n] = hlo_summary(compiled)
+    hlo_step[n]["compile_s"] = compile_s
+    states[n] = [p, r, s, 0]
+    steps[n] = compiled
+    part = make_opt_part(tx)
+    pp, ps = copy(params0), copy(tx.init(params0))
+    cpart = part.lower(pp, ps, grads0, jnp.float32(1.0), losses0,
+                       idx_all[0]).compile()
+    hlo_part[n] = hlo_summary(cpart)
+    parts[n] = (cpart, [pp, ps, 0])
+  log(f"  [{model_name}] {n_params} params, compiled {len(names)} steps")
+
+  def runner(n):
+    st = states[n]
+    def run(k):
+      p, r, s, i = st
+      for _ in range(k):
+        p, r, s, loss = steps[n](p, r, s, x, y, idx_all[i % 64])
+        i += 1
+      jax.block_until_ready((p, s, loss))
+      st[:] = [p, r, s, i]
+    return run
+
+  def part_runner(n):
+    cpart, st = parts[n]
+    def run(k):
+      p, s, i = st
+      for _ in range(k):
+        p, s = cpart(p, s, grads0, jnp.float32(1.0), losses0, idx_all[i % 64])
+        i += 1
+      jax.block_until_ready((p, s))
+      st[:] = [p, s, i]
+    return run
+
+  fns = {n: runner(n) for n in names}
+  for f in fns.values():  # warm-up
+    f(cfg["warmup"])
+  t = _interleave(fns, cfg["rounds"][model_name],
+                  cfg["steps_per_round"][model_name])
+  step_res = {n: _summ(t[n], t["sgd"]) for n in names}
+
+  # The optimiser part alone; AALIG also with an ImageNet-sized table.
+  pfns = {n: part_runner(n) for n in names}
+  big_n = cfg.get("big_num_examples", 0)
+  if big_n:
+    tx = _optimizers.build("aalig", 0.1, 0.0,
+                           _optimizers.Context(big_n, big_n // batch, 200))
+    cpart = make_opt_part(tx).lower(
+        params0, tx.init(params0), grads0, jnp.float32(1.0), losses0,
+        idx_all[0]).compile()
+    parts["aalig_bigN"] = (cpart, [jax.tree.map(jnp.array, params0),
+                                   jax.tree.map(jnp.array, tx.init(params0)), 0])
+    hlo_part["aalig_bigN"] = hlo_summary(cpart)
+    pfns["aalig_bigN"] = part_runner("aalig_bigN")
+  for f in pfns.values():
+    f(cfg["warmup"])
+  tp = _interleave(pfns, cfg["part_rounds"], cfg["part_steps_per_round"])
+  part_res = {n: _summ(tp[n], tp["sgd"]) for n in pfns}
+  for n in pfns:
+    part_res[n]["extra_over_sgd_us"] = 1e6 * (
+        part_res[n]["median_s"] - part_res["sgd"]["median_s"])
+  for n in names:
+    log(f"  [{model_name}] {n:8s} step {1e3 * step_res[n]['median_s']:8.3f} ms"
+        f"  ratio {step_res[n]['ratio_to_sgd']:.3f}"
+        f" (paired {step_res[n]['paired_ratio_median']:.3f})"
+        f"  opt part {1e6 * part_res[n]['median_s']:9.1f} us")
+  return {
+      "model": model_name,
+      "model_source": _sources.model_source(model_name),
+      "num_params": n_params,
+      "batch": batch,
+      "num_examples": num_examples,
+      "big_num_examples": big_n,
+      "step": step_res,
+      "opt_part": part_res,
+      "hlo_step": hlo_step,
+      "hlo_opt_part": hlo_part,
+  }
+
+
+def run(cfg: dict, log=print) -> dict[str, Any]:
+  out = {"config": cfg, "models": {}}
+  for m in cfg["models"]:
+    log(f"overhead: {m}")
+    out["models"][m] = bench_model(m, cfg, log=log)
+  return out

@@ -1,0 +1,168 @@
+"""The benchmark runner: step overhead and optimisation quality, one command.
+
+Run from the project root::
+
+    python -m benchmarks.run                      # everything, CPU scale
+    python -m benchmarks.run --only overhead      # the step overhead only
+    python -m benchmarks.run --only quality --tasks mf_rank1,rbf_ijcnn1
+    python -m benchmarks.run --scale paper        # the paper's settings (GPU)
+
+Results go to ``--out`` (default ``benchmarks/results``): ``results.json``
+(every number, every configuration), ``README.md`` (tables, the command, the
+machine, the versions, the date) and PNG plots. A run of one part replaces
+that part in an existing ``results.json`` and regenerates the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import jax  # pylint: disable=g-import-not-at-top
+
+from benchmarks import _optimizers  # pylint: disable=g-import-not-at-top
+from benchmarks import overhead  # pylint: disable=g-import-not-at-top
+from benchmarks import quality  # pylint: disable=g-import-not-at-top
+from benchmarks import report  # pylint: disable=g-import-not-at-top
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def overhead_config(scale: str, tiny: bool) -> dict:
+  cfg = dict(models=["resnet", "mlp"], batch=128, num_examples=50_000,
+             optimizers=list(overhead.OVERHEAD_OPTS), warmup=2,
+             rounds={"resnet": 12, "mlp": 40},
+             steps_per_round={"resnet": 2, "mlp": 5},
+             part_rounds=40, part_steps_per_round=20,
+             big_num_examples=1_281_167)
+  if scale == "paper":
+    cfg.update(rounds={"resnet": 50, "mlp": 100},
+               steps_per_round={"resnet": 10, "mlp": 20})
+  if tiny:
+    cfg.update(models=["mlp"], rounds={"mlp": 2}, steps_per_round={"mlp": 1},
+               part_rounds=2, part_steps_per_round=2, warmup=1,
+               optimizers=["sgd", "aalig", "alig"], big_num_examples=0)
+  return cfg
+
+
+def quality_config(args) -> dict:
+  tasks = (args.tasks.split(",") if args.tasks else list(quality.TASK_NAMES))
+  opts = (args.optimizers.split(",") if args.optimizers
+          else list(quality.QUALITY_OPTS))
+  return dict(tasks=tasks, optimizers=opts, scale=args.scale,
+              seeds=args.seeds, heavy_seeds=args.heavy_seeds, tiny=args.tiny)
+
+
+def _git(*cmd):
+  try:
+    return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+  except Exception:  # pylint: disable=broad-except
+    return "?"
+
+
+def environment() -> dict:
+  cpu = "?"
+  try:
+    for line in open("/proc/cpuinfo", encoding="utf-8"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  import flax, numpy, optax  # pylint: disable=g-import-not-at-top,multiple-imports
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import aalig_optax  # pylint: disable=g-import-not-at-top
+  dirty = _git("status", "--porcelain", "--", "aalig_optax", "benchmarks",
+               "examples/common")
+  return {
+      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC"),
+      "nproc": os.cpu_count(),
+      "cpu_model": cpu,
+      "platform": platform.platform(),
+      "devices": [str(d) for d in jax.devices()],
+      "backend": jax.default_backend(),
+      "load_average_at_start": list(os.getloadavg()),
+      "python": sys.version.split()[0],
+      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                   "optax": optax.__version__, "flax": flax.__version__,
+                   "numpy": numpy.__version__,
+                   "aalig_optax": aalig_optax.__version__},
+      "git_commit": _git("rev-parse", "--short", "HEAD"),
+      "git_dirty_paths": dirty.splitlines() if dirty not in ("", "?") else [],
+  }
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(
+      description="AALIG benchmarks: step overhead and optimisation quality.")
+  parser.add_argument("--only", choices=["overhead", "quality"], default=None,
+                      help="run one part (default: both)")
+  parser.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                      help="cpu: budgets that fit 2 cores (default); paper: "
+                      "the paper's settings (200 epochs, CIFAR-100 through "
+                      "TFDS, full data), for a GPU")
+  parser.add_argument("--seeds", type=int, default=3,
+                      help="seeds of the light tasks (matrix factorisation, "
+                      "RBF kernels)")
+  parser.add_argument("--heavy-seeds", type=int, default=2,
+                      help="seeds of the ResNet and char-RNN tasks")
+  parser.add_argument("--tasks", default="",
+                      help=f"comma-separated subset of {quality.TASK_NAMES}")
+  parser.add_argument("--optimizers", default="",
+                      help="comma-separated subset of "
+                      f"{quality.QUALITY_OPTS} (quality)")
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--tiny", action="store_true",
+                      help="a seconds-long smoke run (tests); its numbers "
+                      "mean nothing")
+  args = parser.parse_args(argv)
+  if args.seeds < 1 or args.heavy_seeds < 1:
+    parser.error("--seeds and --heavy-seeds must be >= 1")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "results.json"
+  results = json.loads(path.read_text()) if path.exists() else {}
+  command = "python -m benchmarks.run " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  env = environment()
+  t_start = time.perf_counter()
+  log = lambda msg: print(msg, flush=True)
+  log(f"{command.strip()}  [{env['date_utc']}, {env['nproc']} x "
+      f"{env['cpu_model']}, {env['backend']}]")
+  parts = [args.only] if args.only else ["overhead", "quality"]
+  for part in parts:
+    t0 = time.perf_counter()
+    if part == "overhead":
+      res = overhead.run(overhead_config(args.scale, args.tiny), log=log)
+    else:
+      res = quality.run(quality_config(args), log=log)
+    res["wall_s"] = time.perf_counter() - t0
+    res["command"] = command.strip()
+    res["environment"] = env
+    res["scale"] = args.scale
+    res["tiny"] = args.tiny
+    results[part] = res
+    log(f"{part}: {res['wall_s']:.0f} s")
+  results["last_run"] = {"command": command.strip(), "environment": env,
+                         "parts": parts,
+                         "wall_s": time.perf_counter() - t_start}
+  results["optimizers"] = {
+      k: {"label": v.label, "tuned": v.tuned, "description": v.description}
+      for k, v in _optimizers.SPECS.items()}
+  path.write_text(json.dumps(results, indent=1, allow_nan=True))
+  report.write(results, out)
+  log(f"done in {results['last_run']['wall_s']:.0f} s; results in {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -277,10 +277,6 @@ def test_state_types_and_shardings_are_stable(table_axis, table_dtype,
     params, state = step(params, state, x, y, i)
     assert_same_types(state, first)
   assert int(state[0].num_sections) == 1
-  # Eager (op-by-op) update: the same.
-  with jax.set_mesh(mesh):
-    _, eager = apply_step(tx, params, state, x, y, i)
-  assert_same_types(eager, first)
   # ...and the abstract evaluation of update agrees with the concrete one.
   _, abstract_out = jax.eval_shape(functools.partial(apply_step, tx), params,
                                    state, x, y, i)

@@ -331,9 +331,9 @@ def test_state_shardings_layout_and_errors():
     ao.state_shardings(abstract, mesh, table_axis="batch")
 
 
-def _compiled_step_text(n, table_axis, num_examples):
+def _compiled_step_text(n, table_axis, num_examples, **kwargs):
   mesh = mesh_of(n)
-  tx = ao.aalig(0.5, num_examples, 10, 1000)
+  tx = ao.aalig(0.5, num_examples, 10, 1000, **kwargs)
   params = jax.device_put(init_params(), NamedSharding(mesh, P()))
   shardings = ao.state_shardings(jax.eval_shape(tx.init, params), mesh,
                                  table_axis=table_axis)
@@ -346,10 +346,12 @@ def _compiled_step_text(n, table_axis, num_examples):
   return step.lower(params, state, x, y, i).compile().as_text()
 
 
-def test_donated_step_copies_no_table():
+@pytest.mark.parametrize("kwargs", [
+    {}, dict(loss_estimate="best_epoch", table_dtype=jnp.bfloat16)])
+def test_donated_step_copies_no_table(kwargs):
   """A step is O(batch): XLA copies no [N] table (the section-end cond too)."""
   n_ex = 4096
-  text = _compiled_step_text(1, None, n_ex)
+  text = _compiled_step_text(1, None, n_ex, **kwargs)
   copies = [l for l in text.splitlines()
             if re.search(rf"\[{n_ex}\]\S* copy\(", l)]
   assert not copies, copies[:3]

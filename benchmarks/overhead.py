@@ -89,10 +89,29 @@ def make_opt_part(tx):
 _OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
 
 
+_COPY_RE = re.compile(
+    r"=\s*(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\][^ ]*\s+copy\((?P<arg>[^)]*)\)")
+_DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "f64": 8,
+                "s64": 8, "pred": 1, "s8": 1, "u8": 1}
+
+
+def _copy_info(line: str) -> dict[str, Any]:
+  """The shape, size and operand of a top-level HLO copy instruction."""
+  m = _COPY_RE.search(line)
+  if not m:
+    return {"shape": "?", "bytes": 0, "operand": line.strip()[:120]}
+  dims = [int(d) for d in m.group("dims").split(",") if d]
+  n = int(np.prod(dims)) if dims else 1
+  return {"shape": f"{m.group('dtype')}{dims}",
+          "bytes": n * _DTYPE_BYTES.get(m.group("dtype"), 4),
+          "operand": m.group("arg").strip().lstrip("%")}
+
+
 def hlo_summary(compiled) -> dict[str, Any]:
   """Top-level (ENTRY) instructions by opcode, and XLA's cost estimates."""
   text = compiled.as_text()
   entry = collections.Counter()
+  copies = []
   in_entry = False
   for line in text.splitlines():
     if line.startswith("ENTRY"):
@@ -104,9 +123,13 @@ def hlo_summary(compiled) -> dict[str, Any]:
       m = _OP_RE.search(line)
       if m:
         entry[m.group(1)] += 1
+        if m.group(1) == "copy":
+          copies.append(_copy_info(line))
   skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
   kernels = {k: v for k, v in sorted(entry.items()) if k not in skip}
-  out = {"entry_ops": kernels, "num_kernels": int(sum(kernels.values()))}
+  out = {"entry_ops": kernels, "num_kernels": int(sum(kernels.values())),
+         "copies": copies,
+         "copy_bytes": int(sum(c["bytes"] for c in copies))}
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -164,7 +187,7 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
   names = [n for n in cfg["optimizers"]]
 
   steps, states, parts = {}, {}, {}
-  hlo_step, hlo_part = {}, {}
+  hlo_step, hlo_part, hlo_text = {}, {}, {}
   grads0 = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params0)
   losses0 = jnp.ones((batch,), jnp.float32)
   for n in names:
@@ -185,6 +208,8 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
     cpart = part.lower(pp, ps, grads0, jnp.float32(1.0), losses0,
                        idx_all[0]).compile()
     hlo_part[n] = hlo_summary(cpart)
+    if n in ("sgd", "aalig"):
+      hlo_text[n] = cpart.as_text()
     parts[n] = (cpart, [pp, ps, 0])
   log(f"  [{model_name}] {n_params} params, compiled {len(names)} steps")
 
@@ -253,6 +278,8 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
       "opt_part": part_res,
       "hlo_step": hlo_step,
       "hlo_opt_part": hlo_part,
+      # Popped by the runner into hlo/<model>_<optimiser>_opt_part.txt.
+      "hlo_text": hlo_text,
   }
 
 

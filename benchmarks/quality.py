@@ -183,7 +183,10 @@ def rbf_task(name: str, scale: str, seeds: int) -> Task:
       metric="accuracy", higher_is_better=True, data=data, batch_size=100,
       epochs=epochs, grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
       notes=(f"logistic regression on RBF features (sigma {sigma}) against "
-             f"{len(centres)} random training points; {len(y_tr)} train / "
+             + (f"all {len(centres)} training points (the exact kernel); "
+                if len(centres) == len(x_tr) else
+                f"{len(centres)} random training points (Nystrom-style); ")
+             + f"{len(y_tr)} train / "
              f"{len(y_va)} validation / {len(y_te)} test (the LIBSVM file "
              f"split 80/20, then 20% of train held out), batch 100; "
              f"always predicting the majority class scores "
@@ -205,7 +208,7 @@ def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
   if scale == "cpu":
     dataset = dataset or "fashion_mnist"
     raw = data_lib.load_image_dataset(dataset)
-    n_train, n_val, n_test, epochs, batch = 512, 1000, 1000, 10, 128
+    n_train, n_val, n_test, epochs, batch = 1024, 1000, 1000, 10, 128
     rng = np.random.default_rng(0)
     perm = rng.permutation(raw.num_train)
     tr, va = perm[:n_train], perm[n_train:n_train + n_val]
@@ -255,8 +258,8 @@ def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
 def char_rnn_task(scale: str, seeds: int) -> Task:
   seq_len, batch = 50, 50
   if scale == "cpu":
-    text = data_lib.load_text("tolstoi", max_chars=100_000)
-    epochs = 3
+    text = data_lib.load_text("tolstoi", max_chars=150_000)
+    epochs = 4
   else:
     text = data_lib.load_text("tolstoi")
     epochs = 150
@@ -284,7 +287,7 @@ def char_rnn_task(scale: str, seeds: int) -> Task:
       epochs=epochs, grids=grids, seeds=seeds,
       eval_every_epoch=scale != "cpu", eval_batch=250, loop_steps=True,
       notes=(f"War and Peace"
-             + (", first 100,000 characters" if scale == "cpu" else "")
+             + (", first 150,000 characters" if scale == "cpu" else "")
              + f": {len(tr)} train / {len(va)} validation sequences of "
              f"{seq_len} characters, {len(test)} test sequences (the text's "
              f"last 20%), vocabulary {vocab}, 2x128 LSTM, batch {batch}, "

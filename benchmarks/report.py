@@ -64,7 +64,7 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
       "its interquartile range. *opt part* is `tx.update` + "
       "`apply_updates` alone, jitted and donated, timed the same way; "
       "*kernels* counts the top-level operations of its compiled HLO, "
-      "*copies* the full-buffer `copy` ops among them, *MB* XLA's estimate "
+      "*copies* the `copy` ops among them (and the bytes they write), *MB* XLA's estimate "
       "of the bytes it reads and writes.", ""]
   for name, m in res["models"].items():
     lines += [f"### {name}: `{m['model_source']}`, "
@@ -80,7 +80,7 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
           f"{st['ratio_to_sgd']:.3f} | {st['paired_ratio_median']:.3f} "
           f"[{st['paired_ratio_q25']:.3f}, {st['paired_ratio_q75']:.3f}] | "
           f"{1e6 * p['median_s']:.0f} | {p['extra_over_sgd_us']:+.0f} | "
-          f"{h['num_kernels']} | {h['entry_ops'].get('copy', 0)} | "
+          f"{h['num_kernels']} | {_copies(h)} | "
           f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} |")
     if "aalig_bigN" in m["opt_part"]:
       p = m["opt_part"]["aalig_bigN"]
@@ -88,12 +88,28 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
       lines.append(
           f"| AALIG, N = {m['big_num_examples']:,} | | | | "
           f"{1e6 * p['median_s']:.0f} | {p['extra_over_sgd_us']:+.0f} | "
-          f"{h['num_kernels']} | {h['entry_ops'].get('copy', 0)} | "
+          f"{h['num_kernels']} | {_copies(h)} | "
           f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} |")
     lines.append("")
   lines += _where_time_goes(res, labels)
   lines += [f"![step overhead]({OVERHEAD_PNG})", ""]
   return lines
+
+
+def _copies(h: dict) -> str:
+  n = h["entry_ops"].get("copy", 0)
+  return f"{n} ({h.get('copy_bytes', 0) / 1e6:.2f} MB)" if n else "0"
+
+
+def _copy_sources(h: dict) -> str:
+  big = sorted(h.get("copies", []), key=lambda c: -c["bytes"])
+  big = [c for c in big if c["bytes"] >= 1024]
+  if not big:
+    return ""
+  names = ", ".join(f"`{c['operand']}` {c['shape']}" for c in big[:3])
+  more = f" and {len(big) - 3} more" if len(big) > 3 else ""
+  return (f" Its {len(big)} copies of 1 KB or more move "
+          f"{sum(c['bytes'] for c in big) / 1e6:.2f} MB a step: {names}{more}.")
 
 
 def _where_time_goes(res: dict, labels: dict) -> list[str]:
@@ -113,15 +129,16 @@ def _where_time_goes(res: dict, labels: dict) -> list[str]:
            f"{ha['num_kernels']} kernels against {hs['num_kernels']} "
            f"({', '.join(f'{k} {v}' for k, v in ha['entry_ops'].items())}), "
            f"{ha.get('bytes_accessed', 0) / 1e6:.1f} MB against "
-           f"{hs.get('bytes_accessed', 0) / 1e6:.1f} MB.")
+           f"{hs.get('bytes_accessed', 0) / 1e6:.1f} MB."
+           + _copy_sources(ha))
     if "aalig_chain" in part:
       c, hc = part["aalig_chain"], hlo["aalig_chain"]
       txt += (f" The same maths as `chain(scale_by_aalig, trace, scale(-1))`, "
               f"without the `aalig` alias's guard that keeps the momentum "
               f"buffer unchanged on a skipped (non-finite) batch, costs "
               f"{1e6 * c['median_s']:.0f} µs ({c['extra_over_sgd_us']:+.0f} "
-              f"µs over SGD) with {hc['entry_ops'].get('copy', 0)} copies "
-              f"against the alias's {ha['entry_ops'].get('copy', 0)}.")
+              f"µs over SGD) with {_copies(hc)} copies against the alias's "
+              f"{_copies(ha)}.")
     if "aalig_bigN" in part:
       b = part["aalig_bigN"]
       txt += (f" With an ImageNet-sized table (N = {m['big_num_examples']:,})"
@@ -387,5 +404,8 @@ def write(results: dict, out: pathlib.Path) -> None:
             "losses, validation and test metrics), the overhead timings and "
             "HLO summaries, the command, machine and versions.",
             f"- `{OVERHEAD_PNG}`, `{CURVES_PNG}`, `{SENS_PNG}`: the plots.",
+            "- `hlo/<model>_<optimiser>_opt_part.txt`: the compiled HLO of "
+            "the optimiser part (`update` + `apply_updates`) for SGD and "
+            "AALIG.",
             ""]
   (out / "README.md").write_text("\n".join(lines))

@@ -38,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def overhead_config(scale: str, tiny: bool) -> dict:
   cfg = dict(models=["resnet", "mlp"], batch=128, num_examples=50_000,
              optimizers=list(overhead.OVERHEAD_OPTS), warmup=2,
-             rounds={"resnet": 12, "mlp": 40},
+             rounds={"resnet": 20, "mlp": 40},
              steps_per_round={"resnet": 2, "mlp": 5},
              part_rounds=40, part_steps_per_round=20,
              big_num_examples=1_281_167)
@@ -143,6 +143,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if part == "overhead":
       res = overhead.run(overhead_config(args.scale, args.tiny), log=log)
+      (out / "hlo").mkdir(exist_ok=True)
+      for model, m in res["models"].items():
+        for opt, text in m.pop("hlo_text").items():
+          (out / "hlo" / f"{model}_{opt}_opt_part.txt").write_text(text)
     else:
       res = quality.run(quality_config(args), log=log)
     res["wall_s"] = time.perf_counter() - t0

@@ -403,11 +403,12 @@ def scale_by_aalig(
     def end_section(t):
       t = dict(t)
       estimate = t["best_loss"] if best_epoch else last_loss
-      seen = ~jnp.isnan(estimate)
-      reached = seen & (estimate <= t["aov"])
-      t["reached_fraction"] = (
-          jnp.sum(reached, dtype=jnp.float32)
-          / jnp.maximum(jnp.sum(seen, dtype=jnp.float32), 1.0))
+      # Two independent reductions straight from the tables (NaN compares
+      # False): XLA fuses each, where a shared [N] mask would be materialised.
+      num_reached = jnp.sum(estimate <= t["aov"], dtype=jnp.int32)
+      num_seen = jnp.sum(~jnp.isnan(estimate), dtype=jnp.int32)
+      t["reached_fraction"] = (num_reached.astype(jnp.float32)
+                               / jnp.maximum(num_seen, 1).astype(jnp.float32))
       t["aov"], t["aov_step"] = update_aovs(
           t["aov"], t["aov_step"], estimate, lower_bound)
       t["num_sections"] = optax.safe_int32_increment(t["num_sections"])

@@ -167,6 +167,8 @@ def _summ(ts: list[float], ref: list[float]) -> dict[str, float]:
       "paired_ratio_median": statistics.median(paired),
       "paired_ratio_q25": float(np.quantile(paired, 0.25)),
       "paired_ratio_q75": float(np.quantile(paired, 0.75)),
+      # Fastest-decile ratio: the turns least disturbed by other load.
+      "p10_ratio": float(np.quantile(ts, 0.1) / np.quantile(ref, 0.1)),
       "rounds": len(ts),
   }
 

@@ -39,7 +39,7 @@ def overhead_config(scale: str, tiny: bool) -> dict:
   cfg = dict(models=["resnet", "mlp"], batch=128, num_examples=50_000,
              optimizers=list(overhead.OVERHEAD_OPTS), warmup=2,
              rounds={"resnet": 20, "mlp": 40},
-             steps_per_round={"resnet": 2, "mlp": 5},
+             steps_per_round={"resnet": 2, "mlp": 20},
              part_rounds=40, part_steps_per_round=20,
              big_num_examples=1_281_167)
   if scale == "paper":
@@ -101,6 +101,17 @@ def environment() -> dict:
   }
 
 
+def _rounded(x):
+  """`x` with floats kept to 6 significant digits (a smaller results.json)."""
+  if isinstance(x, float):
+    return float(f"{x:.6g}")
+  if isinstance(x, dict):
+    return {k: _rounded(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_rounded(v) for v in x]
+  return x
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(
       description="AALIG benchmarks: step overhead and optimisation quality.")
@@ -124,6 +135,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long smoke run (tests); its numbers "
                       "mean nothing")
+  parser.add_argument("--report-only", action="store_true",
+                      help="regenerate README.md and the plots from the "
+                      "results.json in --out, running nothing")
   args = parser.parse_args(argv)
   if args.seeds < 1 or args.heavy_seeds < 1:
     parser.error("--seeds and --heavy-seeds must be >= 1")
@@ -131,6 +145,9 @@ def main(argv=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   path = out / "results.json"
   results = json.loads(path.read_text()) if path.exists() else {}
+  if args.report_only:
+    report.write(results, out)
+    return results
   command = "python -m benchmarks.run " + " ".join(
       argv if argv is not None else sys.argv[1:])
   env = environment()
@@ -146,7 +163,8 @@ def main(argv=None) -> dict:
       (out / "hlo").mkdir(exist_ok=True)
       for model, m in res["models"].items():
         for opt, text in m.pop("hlo_text").items():
-          (out / "hlo" / f"{model}_{opt}_opt_part.txt").write_text(text)
+          if model == "mlp" or args.tiny:  # The ResNet's is 0.6 MB.
+            (out / "hlo" / f"{model}_{opt}_opt_part.txt").write_text(text)
     else:
       res = quality.run(quality_config(args), log=log)
     res["wall_s"] = time.perf_counter() - t0
@@ -162,7 +180,7 @@ def main(argv=None) -> dict:
   results["optimizers"] = {
       k: {"label": v.label, "tuned": v.tuned, "description": v.description}
       for k, v in _optimizers.SPECS.items()}
-  path.write_text(json.dumps(results, indent=1, allow_nan=True))
+  path.write_text(json.dumps(_rounded(results), allow_nan=True))
   report.write(results, out)
   log(f"done in {results['last_run']['wall_s']:.0f} s; results in {out}")
   return results

@@ -517,27 +517,40 @@ def aalig(
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
       table_dtype=table_dtype, axis_name=axis_name)
   trace = _momentum_or_identity(momentum)
+  has_momentum = not isinstance(trace.init(None), optax.EmptyState)
+  has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def init_fn(params):
     return core.init(params), trace.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
     core_state, trace_state = state
+    grads = updates
     updates, new_core = core.update(updates, core_state, params,
                                     **extra_args)
-    updates, new_trace = trace.update(updates, trace_state, params)
-    # A batch the core skipped must not move the params through momentum.
+    # A batch the core skipped must move nothing. The core's update is then
+    # zero, so a decay of 1 keeps the momentum buffer as it was; arithmetic,
+    # not a select between old and new buffers, which would make XLA copy
+    # the donated buffer at every step.
     skipped = new_core.num_skipped != core_state.num_skipped
-    trace_state = optax.tree.where(skipped, trace_state, new_trace)
-    core_state = new_core
-    updates = optax.tree.where(skipped, optax.tree.zeros_like(updates),
-                               updates)
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    if has_momentum:
+      decay = jnp.where(skipped, 1.0, momentum)
+      # optax.trace(momentum, nesterov=True), with that decay.
+      new_trace = jax.tree.map(
+          lambda g, t: g + decay.astype(t.dtype) * t, updates,
+          trace_state.trace)
+      updates = jax.tree.map(lambda g, t: g + momentum * t, updates,
+                             new_trace)
+      trace_state = optax.TraceState(trace=new_trace)
+    if has_decay:
       if params is None:
         raise ValueError("aalig with weight_decay > 0 needs params in update.")
-      updates = optax.tree.cast_like(optax.tree.add_scale(
-          updates, core_state.step_size * weight_decay, params), updates)
-    return optax.tree.scale(-1.0, updates), (core_state, trace_state)
+      updates = optax.tree.add_scale(
+          updates, new_core.step_size * weight_decay, params)
+    updates = jax.tree.map(
+        lambda u, g: jnp.where(skipped, 0, -u).astype(g.dtype), updates,
+        grads)
+    return updates, (new_core, trace_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,6 +1,7 @@
 """Core behaviour of AALIG and ALI-G: SPEC.md to the letter, and Optax fit."""
 
 import functools
+import re
 
 import chex
 import hypothesis
@@ -656,3 +657,39 @@ def test_nnx_model_trains_with_nnx_optimizer():
   assert int(metrics["sections_done"]) == 3
   assert int(jnp.sum(~jnp.isnan(
       optax.tree_utils.tree_get(optimizer.opt_state, "last_loss")))) == 64
+
+
+def _donated_step_hlo(opt, params):
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, grads, losses, idx):
+    updates, state = opt.update(grads, state, params, losses=losses,
+                                indices=idx)
+    return optax.apply_updates(params, updates), state
+  state = opt.init(params)
+  return step.lower(params, state, params, jnp.ones(4),
+                    jnp.arange(4)).compile().as_text()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_donated_step_copies_no_param_sized_buffer(weight_decay):
+  params = {"w": jnp.zeros((64, 48)), "b": jnp.zeros(48)}
+  hlo = _donated_step_hlo(
+      ao.aalig(0.1, 1000, 10, 1, weight_decay=weight_decay), params)
+  copies = re.findall(r"= (f32\[[0-9,]*\])\{[^}]*\} copy\(", hlo)
+  assert "f32[64,48]" not in copies and "f32[48]" not in copies, copies
+
+
+def test_skipped_batch_with_weight_decay_moves_nothing():
+  opt = ao.aalig(0.5, 8, 2, 1, weight_decay=0.1)
+  params = {"w": jnp.ones(3)}
+  state = opt.init(params)
+  grads = {"w": jnp.ones(3)}
+  u, state = opt.update(grads, state, params, losses=jnp.ones(2),
+                        indices=jnp.arange(2))
+  assert float(optax.tree.norm(u)) > 0  # a real step: momentum is non-zero
+  u, new = jax.jit(opt.update)(grads, state, params,
+                               losses=jnp.array([1.0, jnp.nan]),
+                               indices=jnp.arange(2))
+  chex.assert_trees_all_equal(u, {"w": jnp.zeros(3)})
+  chex.assert_trees_all_equal(new[1], state[1])
+  assert int(new[0].num_skipped) == 1

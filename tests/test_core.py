@@ -234,16 +234,20 @@ def test_chain_of_parts_equals_aalig_without_weight_decay():
 # --------------------------------------------------------------------------
 # Properties of the section-end update.
 
-finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+# XLA flushes subnormal floats to zero (a 4e-41 loss compares as 0), so the
+# properties are stated for normal floats.
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32, allow_subnormal=False)
 
 
 @st.composite
 def aov_tables(draw):
   n = draw(st.integers(1, 40))
-  lower = draw(st.floats(-5.0, 5.0, width=32))
-  aov = draw(hnp.arrays(np.float32, n, elements=st.floats(0, 50, width=32)))
+  lower = draw(st.floats(-5.0, 5.0, width=32, allow_subnormal=False))
+  aov = draw(hnp.arrays(np.float32, n, elements=st.floats(
+      0, 50, width=32, allow_subnormal=False)))
   aov = aov + np.float32(lower)
-  step = draw(hnp.arrays(np.float32, n, elements=st.floats(0, 20, width=32)))
+  step = draw(hnp.arrays(np.float32, n, elements=st.floats(
+      0, 20, width=32, allow_subnormal=False)))
   est = draw(hnp.arrays(np.float32, n, elements=finite))
   est = np.where(draw(hnp.arrays(bool, n)), np.nan, est).astype(np.float32)
   return aov, step, est, lower

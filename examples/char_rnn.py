@@ -119,25 +119,11 @@ def main(argv=None):
   print(f"{args.dataset}: {d.num_train} train / {len(d.y_test)} test "
         f"sequences of {args.seq_len} characters, vocab {d.num_classes}")
   workdir = pathlib.Path(args.workdir)
-  rows, histories = [], {}
   t_start = time.time()
-  for cfg in configs:
-    t0 = time.time()
-    _, hist = train_lib.train_supervised(
-        problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
-        seed=args.seed, workdir=workdir / f"{args.dataset}_{cfg.name}",
-        resume=args.resume, verbose=not args.quiet,
-        max_steps_per_epoch=args.steps_per_epoch)
-    histories[cfg.label] = hist
-    last = hist[-1]
-    rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],
-                     test_loss=last["val_loss"], test_acc=last["val_acc"],
-                     best_test_acc=max(r["val_acc"] for r in hist),
-                     seconds=time.time() - t0))
-  train_lib.plot_runs(histories, workdir / f"{args.dataset}.png",
-                      train_key="loss", val_key="val_acc",
-                      val_label="test accuracy (per character)",
-                      title=f"2-layer LSTM on {args.dataset}")
+  rows, histories = train_lib.compare_classifiers(
+      problem, configs, args, args.dataset,
+      val_label="test accuracy (per character)",
+      title=f"2-layer LSTM on {args.dataset}")
   table = train_lib.format_table(
       rows, ["optimiser", "train_loss", "test_loss", "test_acc",
              "best_test_acc", "seconds"])

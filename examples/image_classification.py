@@ -153,25 +153,11 @@ def main(argv=None):
         f"images {data.x_train.shape[1:]}, {data.num_classes} classes; "
         f"ResNet8 with {num_params} parameters")
   workdir = pathlib.Path(args.workdir)
-  rows, histories = [], {}
   t_start = time.time()
-  for cfg in configs:
-    t0 = time.time()
-    _, hist = train_lib.train_supervised(
-        problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
-        seed=args.seed, workdir=workdir / f"{data.name}_{cfg.name}",
-        resume=args.resume, verbose=not args.quiet,
-        max_steps_per_epoch=args.steps_per_epoch)
-    histories[cfg.label] = hist
-    last = hist[-1]
-    rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],
-                     test_loss=last["val_loss"], test_acc=last["val_acc"],
-                     best_test_acc=max(r["val_acc"] for r in hist),
-                     seconds=time.time() - t0))
-  train_lib.plot_runs(histories, workdir / f"{data.name}.png",
-                      train_key="loss", val_key="val_acc",
-                      val_label="test accuracy",
-                      title=f"ResNet8 on {data.name}")
+  rows, histories = train_lib.compare_classifiers(
+      problem, configs, args, data.name,
+      val_label="test accuracy",
+      title=f"ResNet8 on {data.name}")
   table = train_lib.format_table(
       rows, ["optimiser", "train_loss", "test_loss", "test_acc",
              "best_test_acc", "seconds"])

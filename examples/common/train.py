@@ -524,6 +524,44 @@ def train_supervised(problem: Problem, cfg: OptConfig, *, batch_size: int,
 # Reports.
 
 
+def compare_classifiers(problem: Problem, configs: Sequence[OptConfig], args,
+                        name: str, *, val_label: str, title: str):
+  """Trains `problem` with each optimiser config and plots the runs.
+
+  Args:
+    problem: the task (data, model, per-example loss).
+    configs: the optimisers to compare.
+    args: the parsed command line (batch_size, epochs, seed, workdir, resume,
+      quiet, steps_per_epoch).
+    name: run name; each optimiser's run goes to ``workdir/<name>_<opt>``.
+    val_label: y-axis label of the validation panel.
+    title: the plot's title.
+
+  Returns:
+    (rows, histories): one row per optimiser (final train/test loss, test
+    accuracy, best test accuracy, seconds) and each run's per-epoch history.
+    The plot is written to ``workdir/<name>.png``.
+  """
+  workdir = pathlib.Path(args.workdir)
+  rows, histories = [], {}
+  for cfg in configs:
+    t0 = time.time()
+    _, hist = train_supervised(
+        problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
+        seed=args.seed, workdir=workdir / f"{name}_{cfg.name}",
+        resume=args.resume, verbose=not args.quiet,
+        max_steps_per_epoch=args.steps_per_epoch)
+    histories[cfg.label] = hist
+    last = hist[-1]
+    rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],
+                     test_loss=last["val_loss"], test_acc=last["val_acc"],
+                     best_test_acc=max(r["val_acc"] for r in hist),
+                     seconds=time.time() - t0))
+  plot_runs(histories, workdir / f"{name}.png", train_key="loss",
+            val_key="val_acc", val_label=val_label, title=title)
+  return rows, histories
+
+
 def format_table(rows: Sequence[Mapping[str, Any]],
                  columns: Sequence[str]) -> str:
   """A Markdown table of `rows` (dicts) with the given columns."""

@@ -291,13 +291,18 @@ def aalig_losses(res: dict, labels: dict) -> list[str]:
   return out
 
 
-def _curves_png(res: dict, labels: dict, path: pathlib.Path) -> None:
+def _task_grid(res: dict):
+  """The tasks, and a figure with one panel per task (4 columns at most)."""
   tasks = list(res["tasks"].values())
-  n = len(tasks)
-  cols = min(4, n)
-  rows = -(-n // cols)
+  cols = min(4, len(tasks))
+  rows = -(-len(tasks) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows),
                            squeeze=False)
+  return tasks, fig, axes
+
+
+def _curves_png(res: dict, labels: dict, path: pathlib.Path) -> None:
+  tasks, fig, axes = _task_grid(res)
   for ax, t in zip(axes.flat, tasks):
     for o, b in t["best"].items():
       c = b["epoch_loss_curve"]
@@ -307,7 +312,7 @@ def _curves_png(res: dict, labels: dict, path: pathlib.Path) -> None:
     ax.set_title(t["name"], fontsize=9)
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean minibatch loss")
-  for ax in list(axes.flat)[n:]:
+  for ax in list(axes.flat)[len(tasks):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=7)
   fig.suptitle("Training loss of each optimiser's chosen configuration "
@@ -318,12 +323,7 @@ def _curves_png(res: dict, labels: dict, path: pathlib.Path) -> None:
 
 
 def _sens_png(res: dict, labels: dict, path: pathlib.Path) -> None:
-  tasks = list(res["tasks"].values())
-  n = len(tasks)
-  cols = min(4, n)
-  rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows),
-                           squeeze=False)
+  tasks, fig, axes = _task_grid(res)
   for ax, t in zip(axes.flat, tasks):
     for o, b in t["best"].items():
       if not b["tuned"]:
@@ -339,7 +339,7 @@ def _sens_png(res: dict, labels: dict, path: pathlib.Path) -> None:
     ax.set_title(t["name"], fontsize=9)
     ax.set_xlabel("step size (max step size for Polyak methods)")
     ax.set_ylabel(f"validation {t['metric']}")
-  for ax in list(axes.flat)[n:]:
+  for ax in list(axes.flat)[len(tasks):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=7)
   fig.suptitle(f"Validation metric against the step-size hyperparameter "

@@ -85,17 +85,23 @@ def reference_run(loss_estimate="last"):
   return jax.device_get((params, state))
 
 
-def run_jit_sharded(n, table_axis, axis_type=AxisType.Explicit,
-                    loss_estimate="last"):
-  """jit + NamedSharding: batch split over `n` devices, state placed."""
-  mesh = mesh_of(n, axis_type)
-  tx = make_tx(loss_estimate=loss_estimate)
+def placed_on_mesh(tx, mesh, table_axis):
+  """Replicated params, the state laid out by state_shardings, a donated step."""
   params = jax.device_put(init_params(), NamedSharding(mesh, P()))
   shardings = ao.state_shardings(jax.eval_shape(tx.init, params), mesh,
                                  table_axis=table_axis)
   state = jax.jit(tx.init, out_shardings=shardings)(params)
   step = jax.jit(functools.partial(apply_step, tx), donate_argnums=(0, 1),
                  out_shardings=(NamedSharding(mesh, P()), shardings))
+  return params, state, step
+
+
+def run_jit_sharded(n, table_axis, axis_type=AxisType.Explicit,
+                    loss_estimate="last"):
+  """jit + NamedSharding: batch split over `n` devices, state placed."""
+  mesh = mesh_of(n, axis_type)
+  tx = make_tx(loss_estimate=loss_estimate)
+  params, state, step = placed_on_mesh(tx, mesh, table_axis)
   batch = NamedSharding(mesh, P("data"))
   for idx in BATCHES:
     x, y, i = jax.device_put((X[idx], Y[idx], idx), batch)
@@ -419,12 +425,7 @@ def test_simulated_multihost_matches_single_device(table_axis):
 
   tx = make_tx()
   batch = NamedSharding(mesh, P("data"))
-  params = jax.device_put(init_params(), NamedSharding(mesh, P()))
-  shardings = ao.state_shardings(jax.eval_shape(tx.init, params), mesh,
-                                 table_axis=table_axis)
-  state = jax.jit(tx.init, out_shardings=shardings)(params)
-  step = jax.jit(functools.partial(apply_step, tx), donate_argnums=(0, 1),
-                 out_shardings=(NamedSharding(mesh, P()), shardings))
+  params, state, step = placed_on_mesh(tx, mesh, table_axis)
 
   def from_processes(rows_of):
     """Assembles a global array from each simulated process's local rows."""

@@ -2,6 +2,8 @@
 
 from aalig_optax._aalig import aalig
 from aalig_optax._aalig import aalig_metrics
+from aalig_optax._aalig import AaligConfig
+from aalig_optax._aalig import check_hyperparams
 from aalig_optax._aalig import check_indices
 from aalig_optax._aalig import scale_by_aalig
 from aalig_optax._aalig import ScaleByAaligState
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = (
     "aalig",
     "aalig_metrics",
+    "AaligConfig",
+    "check_hyperparams",
     "alig",
     "check_indices",
     "process_example_range",

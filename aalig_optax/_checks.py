@@ -41,6 +41,14 @@ def check_finite(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be finite, got {name}={value!r}.")
 
 
+def check_within(name: str, value: Any, limit: float, what: str) -> None:
+  """Raises a ValueError naming `name` unless |value| <= limit."""
+  if not is_traced(value) and not np.all(
+      np.abs(np.asarray(value, np.float64)) <= limit):
+    raise ValueError(
+        f"{name} must lie within +-{limit:g} ({what}), got {name}={value!r}.")
+
+
 def static_positive_int(name: str, value: Any) -> int:
   """Returns `value` as a Python int, or raises naming `name`.
 

@@ -386,7 +386,8 @@ def test_tree_get_finds_tables_inside_any_chain():
   assert optax.tree_utils.tree_get(state, "count").shape == ()
   metrics = ao.aalig_metrics(state)
   assert set(metrics) == {"step_size", "mean_aov", "reached_fraction",
-                          "sections_done", "num_invalid"}
+                          "sections_done", "num_invalid", "num_skipped",
+                          "num_clipped"}
 
 
 def test_init_accepts_shape_dtype_struct_params():

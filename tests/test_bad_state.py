@@ -1,0 +1,282 @@
+"""Reliability, round 2: the optimiser's own edge cases.
+
+Each test names the behaviour a user hit: narrow index dtypes, a state that
+does not fit its transform, hyperparameters the tables cannot hold, counters
+at their limits, overflowing norms and sums, and injected hyperparameters
+outside their range.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from aalig_optax import aalig
+from aalig_optax import aalig_metrics
+from aalig_optax import check_hyperparams
+from aalig_optax import check_indices
+from aalig_optax import scale_by_aalig
+
+F32_MAX = float(np.finfo(np.float32).max)
+I32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _update(tx, state, grads, losses, indices, *, jit=True, **kw):
+  def f(s, g, l, i):
+    return tx.update(g, s, None, losses=l, indices=i, **kw)
+  return (jax.jit(f) if jit else f)(state, grads, losses, indices)
+
+
+# 1. Narrow index dtypes ----------------------------------------------------
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("dtype,n", [(np.int8, 300), (np.uint8, 300),
+                                     (np.int16, 40_000), (np.uint16, 70_000)])
+def test_narrow_index_dtypes_use_every_valid_row(dtype, n, jit):
+  tx = scale_by_aalig(1.0, num_examples=n, steps_per_epoch=100,
+                      epochs_per_section=1)
+  top = int(np.iinfo(dtype).max)
+  indices = np.array([0, 1, top - 1, top], dtype)
+  losses = jnp.array([1.0, 2.0, 3.0, 4.0])
+  _, state = _update(tx, tx.init(None), jnp.ones(2), losses, indices, jit=jit)
+  assert int(state.num_invalid) == 0
+  check_indices(state)
+  np.testing.assert_array_equal(
+      np.asarray(state.last_loss)[indices.astype(np.int64)], [1, 2, 3, 4])
+  assert int(np.sum(~np.isnan(np.asarray(state.last_loss)))) == 4
+
+
+# 2. A state that does not fit the transform --------------------------------
+
+def _state_for(**kw):
+  args = dict(max_learning_rate=1.0, num_examples=100, steps_per_epoch=10,
+              epochs_per_section=2)
+  args.update(kw)
+  return scale_by_aalig(**args).init(None)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("other,words", [
+    (dict(num_examples=120), ["120", "100", "num_examples"]),
+    (dict(table_dtype=jnp.bfloat16), ["bfloat16", "float32"]),
+    (dict(loss_estimate="best_epoch"), ["loss_estimate", "best_epoch"]),
+    (dict(steps_per_epoch=5), ["steps_per_epoch", "5", "10"]),
+    (dict(epochs_per_section=3), ["epochs_per_section", "3", "2"]),
+    (dict(lower_bound=-1.0), ["lower_bound"]),
+])
+def test_state_of_another_transform_is_refused(other, words, jit):
+  tx = scale_by_aalig(1.0, num_examples=100, steps_per_epoch=10,
+                      epochs_per_section=2)
+  foreign = _state_for(**other)
+  with pytest.raises(ValueError) as e:
+    _update(tx, foreign, jnp.ones(2), jnp.ones(2), jnp.arange(2), jit=jit)
+  for w in words:
+    assert w in str(e.value)
+
+
+def test_state_with_a_lower_bound_at_or_above_the_new_one_is_accepted():
+  # The AOVs of the old state are all >= its bound >= the new bound.
+  tx = scale_by_aalig(1.0, num_examples=100, steps_per_epoch=10,
+                      epochs_per_section=2, lower_bound=-1.0)
+  state = _state_for(lower_bound=0.0)
+  _update(tx, state, jnp.ones(2), jnp.ones(2), jnp.arange(2))
+
+
+def test_split_tables_under_shard_map_are_refused_in_words():
+  n_dev = 8
+  mesh = jax.make_mesh((n_dev,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  P = jax.sharding.PartitionSpec
+  tx = scale_by_aalig(1.0, num_examples=64, steps_per_epoch=4,
+                      epochs_per_section=1, axis_name="data")
+  state = tx.init(None)
+  specs = jax.tree.map(lambda _: P(), state)
+  specs = specs._replace(aov=P("data"), aov_step=P("data"),
+                         last_loss=P("data"))
+
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(specs, P("data"), P("data")),
+                     out_specs=specs)
+  def step(s, l, i):
+    return tx.update(jnp.ones(2), s, None, losses=l, indices=i)[1]
+
+  with pytest.raises(ValueError, match="num_examples=64") as e:
+    jax.jit(step)(state, jnp.ones(16), jnp.arange(16))
+  assert "8 rows" in str(e.value) and "replicated" in str(e.value)
+
+
+# 3. Hyperparameters the tables cannot hold ---------------------------------
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(lower_bound=-1e5, table_dtype=jnp.float16), "lower_bound"),
+    (dict(lower_bound=-1e39), "lower_bound"),
+    (dict(lower_bound=1e39), "lower_bound"),
+    (dict(steps_per_epoch=2**20, epochs_per_section=2**12),
+     "epochs_per_section"),
+    (dict(eps=float("inf")), "eps"),
+    (dict(eps=float("nan")), "eps"),
+])
+@pytest.mark.parametrize("make", [scale_by_aalig, aalig])
+def test_unrepresentable_hyperparameters_are_refused(kwargs, name, make):
+  args = dict(num_examples=10, steps_per_epoch=10, epochs_per_section=1)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=name):
+    make(1.0, **args)
+
+
+def test_largest_representable_lower_bound_is_accepted():
+  tx = scale_by_aalig(1.0, 10, 1, 1, lower_bound=-65504.0,
+                      table_dtype=jnp.float16)
+  assert float(tx.init(None).aov[0]) == -65504.0
+
+
+# 4. Counters at their limits -----------------------------------------------
+
+def test_sections_keep_ending_past_2_31_steps():
+  spe, eps_ = 3, 7  # 21 steps a section: 2**31 - 1 is not a multiple of it.
+  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=spe,
+                      epochs_per_section=eps_)
+  section = spe * eps_
+  state = tx.init(None)
+  # Just before the last section end that fits below 2**31.
+  last_end = (I32_MAX // section) * section
+  state = state._replace(count=jnp.asarray(last_end - 1, jnp.int32))
+  ends = []
+  step = jax.jit(lambda s: tx.update(jnp.ones(2), s, None,
+                                     losses=jnp.ones(2),
+                                     indices=jnp.arange(2))[1])
+  for _ in range(2 * section + 1):
+    new = step(state)
+    ends.append(int(new.num_sections) - int(state.num_sections))
+    state = new
+  # A section ends at the first step, then every `section` steps.
+  assert [i for i, e in enumerate(ends) if e] == [0, section, 2 * section]
+  assert 0 <= int(state.count) < I32_MAX
+
+
+def test_counters_saturate_instead_of_wrapping():
+  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=2,
+                      epochs_per_section=1)
+  state = tx.init(None)._replace(
+      num_invalid=jnp.asarray(I32_MAX - 1, jnp.int32),
+      num_skipped=jnp.asarray(I32_MAX, jnp.int32))
+  step = jax.jit(lambda s, l: tx.update(jnp.ones(2), s, None, losses=l,
+                                        indices=jnp.array([0, 9, 9, 9])[:2]
+                                        )[1])
+  state = step(state, jnp.array([1.0, 1.0]))  # One invalid row.
+  state = jax.jit(lambda s: tx.update(
+      jnp.ones(2), s, None, losses=jnp.array([1.0, 1.0]),
+      indices=jnp.array([7, 8]))[1])(state)  # Two more.
+  state = step(state, jnp.array([jnp.nan, 1.0]))  # A skip.
+  assert int(state.num_invalid) == I32_MAX
+  assert int(state.num_skipped) == I32_MAX
+  with pytest.raises(ValueError, match="2147483647"):
+    check_indices(state)
+
+
+# 5. Overflow edge cases ----------------------------------------------------
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_finite_gradient_with_overflowing_norm_is_a_step(jit):
+  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=10,
+                      epochs_per_section=1)
+  big = 3e19  # Finite; its square (9e38) is not a float32.
+  grads = {"a": jnp.full((3,), big), "b": jnp.array([1.0])}
+  losses = jnp.array([3e38, 3e38])
+  updates, state = _update(tx, tx.init(None), grads, losses,
+                           jnp.array([0, 1]), jit=jit)
+  assert int(state.num_skipped) == 0 and int(state.count) == 1
+  np.testing.assert_array_equal(np.asarray(state.last_loss)[:2],
+                                np.float32([3e38, 3e38]))
+  # gamma * g = gap * g / ||g||^2, with ||g||^2 = 3 big^2 + 1 (float64 here).
+  gamma = 3e38 / (3 * big**2 + 1)
+  np.testing.assert_allclose(np.asarray(updates["a"]), gamma * big, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(updates["b"]), gamma, rtol=1e-5)
+
+
+def test_best_epoch_with_losses_near_the_float32_max_still_improves():
+  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=2,
+                      epochs_per_section=2, loss_estimate="best_epoch")
+  state = tx.init(None)
+  step = jax.jit(lambda s, l, i: tx.update(jnp.ones(2), s, None, losses=l,
+                                           indices=i)[1])
+  big = 0.9 * F32_MAX
+  for epoch_losses in ([big, big, big, big], [big / 2] * 4):
+    for b in range(2):
+      state = step(state, jnp.asarray(epoch_losses[2 * b: 2 * b + 2]),
+                   jnp.arange(2) + 2 * b)
+  # Two epochs, one section: the section end used the second (lower) epoch.
+  assert int(state.num_sections) == 1
+  np.testing.assert_allclose(np.asarray(state.aov), big / 4, rtol=1e-6)
+
+
+# 7. Injected hyperparameters -----------------------------------------------
+
+def _injected(**hp):
+  tx = optax.inject_hyperparams(aalig, static_args=(
+      "num_examples", "steps_per_epoch", "epochs_per_section",
+      "loss_estimate"))(
+          max_learning_rate=0.5, num_examples=4, steps_per_epoch=2,
+          epochs_per_section=1, momentum=0.5)
+  params = jnp.array([1.0, -1.0])
+  state = tx.init(params)
+  for k, v in hp.items():
+    state.hyperparams[k] = jnp.asarray(v, state.hyperparams[k].dtype)
+  return tx, params, state
+
+
+_MAX_MOMENTUM = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+@pytest.mark.parametrize("hp,clipped_to", [
+    (dict(momentum=1.5), dict(momentum=_MAX_MOMENTUM)),
+    (dict(momentum=-0.5), dict(momentum=0.0)),
+    (dict(momentum=float("nan")), dict(momentum=0.0)),
+    (dict(max_learning_rate=-1.0), dict(max_learning_rate=0.0)),
+    (dict(max_learning_rate=float("nan")), dict(max_learning_rate=0.0)),
+    (dict(weight_decay=-1.0), dict(weight_decay=0.0)),
+    (dict(eps=-1.0), dict(eps=0.0)),
+    (dict(eps=float("inf")), dict(eps=F32_MAX)),
+])
+def test_injected_hyperparameters_out_of_range_are_clipped_and_counted(
+    hp, clipped_to):
+  def run(**values):
+    tx, params, state = _injected(**{"weight_decay": 0.1, **values})
+
+    @jax.jit
+    def step(p, s):
+      losses = jnp.stack([jnp.sum(p**2), jnp.sum(p**2)]) + 1.0
+      u, s = tx.update(2 * p, s, p, losses=losses, indices=jnp.array([0, 1]))
+      return optax.apply_updates(p, u), s
+
+    trajectory = []
+    for _ in range(6):
+      params, state = step(params, state)
+      trajectory.append(params)
+    return jnp.stack(trajectory), state
+
+  got, state = run(**hp)
+  want, want_state = run(**clipped_to)
+  assert np.all(np.isfinite(np.asarray(got)))
+  chex.assert_trees_all_close(got, want, rtol=1e-6)
+  assert int(aalig_metrics(state)["num_clipped"]) == 6
+  assert int(aalig_metrics(want_state)["num_clipped"]) == 0
+  with pytest.raises(ValueError, match="6 step"):
+    check_hyperparams(state)
+  if "max_learning_rate" in hp:  # A zero step: never an ascent.
+    np.testing.assert_array_equal(np.asarray(got[-1]), [1.0, -1.0])
+
+
+def test_injected_hyperparameters_in_range_are_not_counted():
+  tx, params, state = _injected(momentum=0.9, max_learning_rate=0.1)
+  u, state = jax.jit(lambda p, s: tx.update(
+      p, s, p, losses=jnp.array([4.0, 4.0]), indices=jnp.array([0, 1])))(
+          params, state)
+  assert int(aalig_metrics(state)["num_clipped"]) == 0
+  check_hyperparams(state)

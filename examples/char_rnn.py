@@ -104,14 +104,16 @@ def main(argv=None):
   parser.add_argument("--paper", action="store_true",
                       help="full text, 150 epochs, all optimisers")
   args = parser.parse_args(argv)
+  cli.check_workdir(args)
   if args.paper:
     args.max_chars = args.max_test_seqs = 0
     args.epochs = 150
     args.optimisers = ",".join(train_lib.OPTIMISERS)
-  problem = make_problem(args.dataset, args.seq_len, args.hidden,
-                         max_chars=args.max_chars or None,
-                         max_test_seqs=args.max_test_seqs or None,
-                         data_dir=args.data_dir)
+  with cli.clear_errors():
+    problem = make_problem(args.dataset, args.seq_len, args.hidden,
+                           max_chars=args.max_chars or None,
+                           max_test_seqs=args.max_test_seqs or None,
+                           data_dir=args.data_dir)
   configs = cli.optimiser_configs(
       args, DEFAULT_LRS, common=dict(momentum=args.momentum),
       adam=dict(momentum=0.0), sps=dict(momentum=0.0))
@@ -120,10 +122,11 @@ def main(argv=None):
         f"sequences of {args.seq_len} characters, vocab {d.num_classes}")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  rows, histories = train_lib.compare_classifiers(
-      problem, configs, args, args.dataset,
-      val_label="test accuracy (per character)",
-      title=f"2-layer LSTM on {args.dataset}")
+  with cli.clear_errors():
+    rows, histories = train_lib.compare_classifiers(
+        problem, configs, args, args.dataset,
+        val_label="test accuracy (per character)",
+        title=f"2-layer LSTM on {args.dataset}")
   table = train_lib.format_table(
       rows, ["optimiser", "train_loss", "test_loss", "test_acc",
              "best_test_acc", "seconds"])

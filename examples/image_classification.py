@@ -8,11 +8,12 @@ and normalised per channel; ``--augment`` adds the standard random crops
 example keeps one AOV whatever its augmentation: the AOV is keyed on the
 dataset index that the sampler carries alongside the batch.
 
-Data: ``--dataset fashion_mnist`` (the offline default) reads Debian's
-``dataset-fashion-mnist`` IDX files when installed, else TFDS; any other
-TFDS image set (``cifar10``, ``cifar100``, ``svhn_cropped``, ...) is read
-with ``tfds.data_source`` (ArrayRecord, no TensorFlow), ``--download``
-preparing it on a connected machine.
+Data: ``--dataset fashion_mnist`` (the default) reads the four IDX files
+from ``$AALIG_DATA_DIR``, Debian's ``dataset-fashion-mnist`` package or the
+cache, else downloads them (verified); ``--tfds`` reads it from TFDS instead.
+Any other TFDS image set (``cifar10``, ``cifar100``, ``svhn_cropped``, ...)
+is read with ``tfds.data_source`` (ArrayRecord, no TensorFlow),
+``--download`` preparing it on a connected machine (needs tensorflow).
 
 Run (offline default: 6,000 Fashion-MNIST images, 3 epochs, ~4 min on 2 CPU
 cores)::
@@ -127,11 +128,16 @@ def main(argv=None):
   parser.add_argument("--weight-decay", type=float, default=0.0)
   parser.add_argument("--width", type=int, default=16)
   parser.add_argument("--download", action="store_true",
-                      help="let TFDS download and prepare the data set")
+                      help="let TFDS download and prepare the data set "
+                      "(needs tensorflow and a network)")
+  parser.add_argument("--tfds", action="store_true",
+                      help="read fashion_mnist from TFDS too (other data "
+                      "sets always are)")
   parser.add_argument("--paper", action="store_true",
                       help="the paper's settings: full data, 200 epochs, "
                       "all optimisers")
   args = parser.parse_args(argv)
+  cli.check_workdir(args)
   if args.paper:
     args.max_train = args.max_test = 0
     args.epochs = 200
@@ -140,7 +146,9 @@ def main(argv=None):
                 max_test=args.max_test or None)
   if args.download:
     kwargs["download"] = True
-  data = data_lib.load_image_dataset(args.dataset, **kwargs)
+  with cli.clear_errors():
+    data = data_lib.load_image_dataset(
+        args.dataset, source="tfds" if args.tfds else "auto", **kwargs)
   problem = make_problem(data, args.augment, args.width)
   configs = cli.optimiser_configs(
       args, DEFAULT_LRS,
@@ -154,10 +162,11 @@ def main(argv=None):
         f"ResNet8 with {num_params} parameters")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  rows, histories = train_lib.compare_classifiers(
-      problem, configs, args, data.name,
-      val_label="test accuracy",
-      title=f"ResNet8 on {data.name}")
+  with cli.clear_errors():
+    rows, histories = train_lib.compare_classifiers(
+        problem, configs, args, data.name,
+        val_label="test accuracy",
+        title=f"ResNet8 on {data.name}")
   table = train_lib.format_table(
       rows, ["optimiser", "train_loss", "test_loss", "test_acc",
              "best_test_acc", "seconds"])

@@ -99,6 +99,7 @@ def main(argv=None):
                       help="the paper's settings: 50 epochs, batch 100, "
                       "5 seeds")
   args = parser.parse_args(argv)
+  cli.check_workdir(args)
   if args.paper:
     args.epochs, args.batch_size, args.seeds = 50, 100, 5
   workdir = pathlib.Path(args.workdir)
@@ -116,12 +117,14 @@ def main(argv=None):
       finals = []
       for s in range(args.seeds):
         seed = args.seed + s
-        _, hist = train_lib.train_supervised(
-            make_problem(rank, seed), cfg, batch_size=args.batch_size,
-            num_epochs=args.epochs, seed=seed,
-            workdir=workdir / pname / f"{cfg.name}_seed{seed}",
-            resume=args.resume, eval_train=True, verbose=not args.quiet,
-            max_steps_per_epoch=args.steps_per_epoch)
+        with cli.clear_errors():
+          _, hist = train_lib.train_supervised(
+              make_problem(rank, seed), cfg, batch_size=args.batch_size,
+              num_epochs=args.epochs, seed=seed,
+              workdir=workdir / pname / f"{cfg.name}_seed{seed}",
+              resume=args.resume, overwrite=args.overwrite, eval_train=True,
+              verbose=not args.quiet,
+              max_steps_per_epoch=args.steps_per_epoch)
         histories[f"{pname}/{cfg.name}/seed{seed}"] = hist
         finals.append(hist[-1])
         if s == 0:

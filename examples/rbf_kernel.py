@@ -113,6 +113,7 @@ def main(argv=None):
   parser.add_argument("--paper", action="store_true",
                       help="full kernels, full validation sets, 35 epochs")
   args = parser.parse_args(argv)
+  cli.check_workdir(args)
   if args.paper:
     args.num_centres, args.max_val, args.epochs = 0, None, 35
   configs = cli.optimiser_configs(args, DEFAULT_LRS,
@@ -125,18 +126,20 @@ def main(argv=None):
     centres = args.num_centres
     if centres < 0:
       centres = 0 if name == "mushrooms" else 2000
-    problem = make_problem(name, centres or None, args.max_val, args.seed,
-                           args.max_train)
+    with cli.clear_errors():
+      problem = make_problem(name, centres or None, args.max_val, args.seed,
+                             args.max_train)
     print(f"{name}: {problem.data.num_train} train x "
           f"{problem.data.x_train.shape[1]} RBF features "
           f"(sigma={SIGMAS[name]}), {len(problem.data.y_test)} validation")
     per_opt = {}
     for cfg in configs:
-      _, hist = train_lib.train_supervised(
-          problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
-          seed=args.seed, workdir=workdir / name / cfg.name,
-          resume=args.resume, eval_train=True, verbose=not args.quiet,
-          max_steps_per_epoch=args.steps_per_epoch)
+      with cli.clear_errors():
+        _, hist = train_lib.train_supervised(
+            problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
+            seed=args.seed, workdir=workdir / name / cfg.name,
+            resume=args.resume, overwrite=args.overwrite, eval_train=True,
+            verbose=not args.quiet, max_steps_per_epoch=args.steps_per_epoch)
       per_opt[cfg.label] = hist
       histories[f"{name}/{cfg.name}"] = hist
       last = hist[-1]

@@ -6,12 +6,16 @@ AALIG keys its approximate optimal value (AOV) on. Batches are drawn with
 :func:`epoch_batches`, which shuffles positions, not data, so an example's
 index is the same in every epoch whatever the shuffling or augmentation.
 
-Offline data lives in ``../shared/data/`` relative to the project root (see
-:func:`shared_data_dir`); Fashion-MNIST comes from Debian's
-``dataset-fashion-mnist`` package; other image sets come from
-tensorflow-datasets (``tfds.data_source``, no TensorFlow needed). Where a file
-is missing, the LIBSVM loaders fall back to the usual download, into
-:func:`cache_dir`.
+Files are looked for in ``$AALIG_DATA_DIR`` first (files you provide, used
+as they are), then in ``../shared/data/`` relative to the project root (the
+offline copies, checked against their SHA-256), then in :func:`cache_dir`;
+otherwise they are downloaded into the cache with
+:mod:`examples.common.download`, which verifies every file before it is
+used. Fashion-MNIST is also read from Debian's ``dataset-fashion-mnist``
+package; other image sets come from tensorflow-datasets
+(``tfds.data_source``, no TensorFlow needed). A file that cannot be found or
+verified raises :class:`DataUnavailableError`, one sentence saying how to
+provide it.
 
 References:
   Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", Sec. 5;
@@ -28,13 +32,16 @@ import gzip
 import io
 import os
 import pathlib
-import urllib.request
 from typing import Iterator, Optional
 
 import numpy as np
 
+from examples.common import download
+from examples.common.download import DataUnavailableError
+
 __all__ = [
     "ArrayDataset",
+    "DataUnavailableError",
     "TextData",
     "cache_dir",
     "epoch_batches",
@@ -51,7 +58,19 @@ __all__ = [
 ]
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The offline copies (read-only, never copied into the project).
+SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+# Zalando's release files, the URL torchvision and TFDS download them from
+# (the digests in download.KNOWN_SHA256 are TFDS's for this URL).
+FASHION_MNIST_URL = ("http://fashion-mnist.s3-website.eu-central-1"
+                     ".amazonaws.com/")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz",
+                       "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz",
+                       "t10k-labels-idx1-ubyte.gz")
+# Images per split of the real data set, checked on the default path.
+FASHION_MNIST_SIZES = {"train": 60_000, "t10k": 10_000}
 LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
 
 
@@ -88,7 +107,7 @@ def shared_data_dir() -> pathlib.Path:
   env = os.environ.get("AALIG_DATA_DIR")
   if env:
     return pathlib.Path(env)
-  return PROJECT_ROOT.parent / "shared" / "data"
+  return SHARED_DATA_DIR
 
 
 def cache_dir() -> pathlib.Path:
@@ -97,11 +116,27 @@ def cache_dir() -> pathlib.Path:
       "AALIG_CACHE_DIR", pathlib.Path.home() / ".cache" / "aalig_optax"))
 
 
-def _download(url: str, target: pathlib.Path) -> pathlib.Path:
-  target.parent.mkdir(parents=True, exist_ok=True)
-  print(f"Downloading {url} to {target}")
-  urllib.request.urlretrieve(url, target)
-  return target
+def _user_dirs(data_dir=None) -> list[pathlib.Path]:
+  """Folders of files the user provides: `data_dir`, ``$AALIG_DATA_DIR``."""
+  env = os.environ.get("AALIG_DATA_DIR")
+  return [pathlib.Path(d) for d in (data_dir, env) if d]
+
+
+def _find(names, data_dir=None) -> Optional[pathlib.Path]:
+  """The first of `names` in the user's folders, else in the shared folder.
+
+  A user's file is used as it is (their choice, e.g. a variant of the data);
+  a shared offline copy must have its known digest.
+  """
+  for folder in _user_dirs(data_dir):
+    for name in names:
+      if (folder / name).is_file():
+        return folder / name
+  for name in names:
+    if (SHARED_DATA_DIR / name).is_file():
+      download.verify_file(SHARED_DATA_DIR / name)
+      return SHARED_DATA_DIR / name
+  return None
 
 
 def train_test_split(n: int, test_fraction: float, seed: int
@@ -241,21 +276,31 @@ def load_svmlight(source, num_features: Optional[int] = None
 
 
 _LIBSVM_FILES = {
-    # name: (offline file in shared_data_dir, LIBSVM download name)
-    "mushrooms": ("mushrooms.txt", "mushrooms"),
-    "ijcnn1": ("ijcnn1.trn.bz2", "ijcnn1.bz2"),
-    "ijcnn1_test": ("ijcnn1.tst.bz2", "ijcnn1.t.bz2"),
+    # name: (offline file in the shared folder, LIBSVM download name,
+    #        (rows, features) of the file, checked where no digest is known)
+    "mushrooms": ("mushrooms.txt", "mushrooms", (8124, 112)),
+    "ijcnn1": ("ijcnn1.trn.bz2", "ijcnn1.bz2", (49_990, 22)),
+    "ijcnn1_test": ("ijcnn1.tst.bz2", "ijcnn1.t.bz2", (91_701, 22)),
 }
 
 
 def _libsvm_path(name: str, data_dir=None) -> pathlib.Path:
-  local, remote = _LIBSVM_FILES[name]
-  for folder in ([pathlib.Path(data_dir)] if data_dir else []) + [
-      shared_data_dir(), cache_dir()]:
-    for fname in (local, remote):
-      if (folder / fname).exists():
-        return folder / fname
-  return _download(LIBSVM_URL + remote, cache_dir() / remote)
+  local, remote, shape = _LIBSVM_FILES[name]
+  found = _find((local, remote), data_dir)
+  if found is not None:
+    return found
+
+  def check(path):
+    # `path` is a temporary name: decompress by the real name's suffix.
+    opener = bz2.open if remote.endswith(".bz2") else open
+    with opener(path, "rb") as f:
+      x, _ = load_svmlight(f.read())
+    if x.shape != shape:
+      raise ValueError(f"{x.shape[0]} x {x.shape[1]} svmlight data, "
+                       f"expected {shape[0]} x {shape[1]}")
+
+  return download.download(LIBSVM_URL + remote, cache_dir() / remote,
+                           check=check)
 
 
 def load_libsvm(name: str, data_dir=None, test_fraction: float = 0.2,
@@ -268,13 +313,18 @@ def load_libsvm(name: str, data_dir=None, test_fraction: float = 0.2,
   Args:
     name: ``"mushrooms"`` (8124 x 112, interpolating with an RBF kernel) or
       ``"ijcnn1"`` (49,990 x 22, not interpolating).
-    data_dir: a folder to look in first; then :func:`shared_data_dir`, then
-      :func:`cache_dir`, then the LIBSVM site is downloaded from.
+    data_dir: a folder to look in first; then ``$AALIG_DATA_DIR``, the
+      shared offline copies, :func:`cache_dir`, then the LIBSVM site is
+      downloaded from (verified, see :mod:`examples.common.download`).
     test_fraction: share of the examples held out.
     seed: seed of the split.
 
   Returns:
     An :class:`ArrayDataset` with float32 x and float32 y in {0, 1}.
+
+  Raises:
+    DataUnavailableError: the file is absent and cannot be downloaded, or
+      fails verification.
   """
   if name not in ("mushrooms", "ijcnn1"):
     raise ValueError(f"unknown LIBSVM set {name!r}; use mushrooms or ijcnn1")
@@ -317,45 +367,106 @@ def rbf_features(x: np.ndarray, centres: np.ndarray, sigma: float,
 
 
 def _read_idx(path: pathlib.Path) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
-  ndim = raw[3]
-  dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(
-      tuple(int(d) for d in dims))
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(
+        tuple(int(d) for d in dims))
+  except (OSError, EOFError, ValueError, IndexError) as e:  # Truncated, ...
+    raise DataUnavailableError(
+        f"{path} is not a complete IDX .gz file ({e}): replace it with the "
+        "release file.") from e
+
+
+def _fashion_mnist_folder() -> pathlib.Path:
+  """The folder of the four Fashion-MNIST files, downloading if need be.
+
+  Looks in ``$AALIG_DATA_DIR``, Debian's folder and the cache, in this
+  order, for a folder holding all four; else downloads them into
+  ``<cache>/fashion_mnist``, each verified against its SHA-256.
+  """
+  user = _user_dirs()
+  for folder in user + [FASHION_MNIST_DIR]:
+    if all((folder / f).is_file() for f in FASHION_MNIST_FILES):
+      return folder
+  folder = cache_dir() / "fashion_mnist"
+  try:
+    for f in FASHION_MNIST_FILES:
+      download.download(FASHION_MNIST_URL + f, folder / f)
+  except DataUnavailableError as e:
+    where = (f"the folder named by AALIG_DATA_DIR ({user[0]})" if user
+             else "a folder named by the environment variable "
+             "AALIG_DATA_DIR")
+    raise DataUnavailableError(
+        "Fashion-MNIST is not on this machine and could not be downloaded "
+        f"({e.reason}): install Debian's package (`apt-get install "
+        f"dataset-fashion-mnist`, files in {FASHION_MNIST_DIR}), or put "
+        f"{', '.join(FASHION_MNIST_FILES)} in {where}, or rerun with a "
+        f"network connection to download them from {FASHION_MNIST_URL}"
+        ) from e
+  return folder
+
+
+def _check_fashion_mnist(data: ArrayDataset, folder: pathlib.Path,
+                         sizes: Optional[dict]) -> None:
+  """Rejects arrays that are not Fashion-MNIST's (wrong files, truncation)."""
+  for split, x, y in (("train", data.x_train, data.y_train),
+                      ("t10k", data.x_test, data.y_test)):
+    n = sizes[split] if sizes else len(y)
+    if x.shape != (n, 28, 28, 1) or y.shape != (n,):
+      raise DataUnavailableError(
+          f"the Fashion-MNIST {split} files in {folder} hold images "
+          f"{x.shape[:3]} and labels {y.shape}, expected ({n}, 28, 28) and "
+          f"({n},): replace them with the release files.")
+    if y.size and (y.min() < 0 or y.max() > 9):
+      raise DataUnavailableError(
+          f"the Fashion-MNIST {split} labels in {folder} range over "
+          f"[{y.min()}, {y.max()}], expected [0, 9]: replace them with the "
+          "release files.")
 
 
 def load_fashion_mnist(data_dir=None) -> ArrayDataset:
-  """Fashion-MNIST from IDX ``.gz`` files (Debian's dataset-fashion-mnist).
+  """Fashion-MNIST from its four IDX ``.gz`` files.
+
+  Where the files come from, the first that has all four:
+  `data_dir` if given (only there); ``$AALIG_DATA_DIR``; Debian's
+  ``/usr/share/datasets/fashion-mnist`` (``apt-get install
+  dataset-fashion-mnist``); the cache; else Zalando's release files are
+  downloaded into the cache, each checked against its SHA-256. Debian's
+  files are re-compressed (other digests than the release's), so files
+  found in a folder are checked by their decoded arrays instead: 60,000 /
+  10,000 images of 28 x 28 with labels in [0, 9].
 
   Args:
-    data_dir: folder with ``train-images-idx3-ubyte.gz`` etc.; default
-      ``/usr/share/datasets/fashion-mnist`` (``apt-get install
-      dataset-fashion-mnist``).
+    data_dir: a folder with ``train-images-idx3-ubyte.gz``,
+      ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz`` and
+      ``t10k-labels-idx1-ubyte.gz`` (any number of images, e.g. a subset).
 
   Returns:
     An :class:`ArrayDataset`: uint8 images [n, 28, 28, 1], int32 labels;
     60,000 train and 10,000 test.
 
   Raises:
-    FileNotFoundError: if the files are absent (use
-      ``load_image_dataset("fashion_mnist")`` to fall back to TFDS).
+    FileNotFoundError: if `data_dir` is given and lacks a file.
+    DataUnavailableError: if no folder has the files and they cannot be
+      downloaded (one sentence naming the fixes), or they are not
+      Fashion-MNIST's.
   """
-  folder = pathlib.Path(data_dir) if data_dir else FASHION_MNIST_DIR
-  files = {k: folder / f"{p}-{k}-idx{n}-ubyte.gz"
-           for p, k, n in (("train", "images", 3), ("train", "labels", 1))}
-  test = {k: folder / f"t10k-{k}-idx{n}-ubyte.gz"
-          for k, n in (("images", 3), ("labels", 1))}
-  for f in list(files.values()) + list(test.values()):
-    if not f.exists():
-      raise FileNotFoundError(
-          f"{f} not found: `apt-get install dataset-fashion-mnist` (Debian) "
-          "or use the TFDS loader.")
-  return ArrayDataset(
-      _read_idx(files["images"])[..., None],
-      _read_idx(files["labels"]).astype(np.int32),
-      _read_idx(test["images"])[..., None],
-      _read_idx(test["labels"]).astype(np.int32), 10, "fashion_mnist")
+  if data_dir:
+    folder = pathlib.Path(data_dir)
+    for f in FASHION_MNIST_FILES:
+      if not (folder / f).exists():
+        raise FileNotFoundError(f"{folder / f} not found")
+  else:
+    folder = _fashion_mnist_folder()
+  arrays = [_read_idx(folder / f) for f in FASHION_MNIST_FILES]
+  data = ArrayDataset(arrays[0][..., None], arrays[1].astype(np.int32),
+                      arrays[2][..., None], arrays[3].astype(np.int32), 10,
+                      "fashion_mnist")
+  _check_fashion_mnist(data, folder, None if data_dir else FASHION_MNIST_SIZES)
+  return data
 
 
 def _tfds_split_arrays(source, max_examples=None):
@@ -391,34 +502,75 @@ def load_tfds_images(name: str, train_split: str = "train",
 
   Returns:
     An :class:`ArrayDataset`: uint8 images [n, h, w, c], int32 labels.
+
+  Raises:
+    DataUnavailableError: the data set is not prepared (and `download` is
+      off), or preparing it failed; one sentence saying what to run.
   """
-  import tensorflow_datasets as tfds  # Optional dependency.
+  try:
+    import tensorflow_datasets as tfds  # Optional dependency.
+  except ImportError as e:
+    raise DataUnavailableError(
+        f"reading {name} needs tensorflow-datasets: `pip install "
+        "tensorflow-datasets`.") from e
 
   builder = tfds.builder(name, data_dir=data_dir,
                          file_format="array_record")
+  folder = data_dir or ("the TFDS data folder ($TFDS_DATA_DIR or "
+                        "~/tensorflow_datasets)")
   if download:
-    builder.download_and_prepare()
-  train = tfds.data_source(name, split=train_split, data_dir=data_dir,
-                           download=download)
-  test = tfds.data_source(name, split=test_split, data_dir=data_dir,
-                          download=download)
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # No TensorFlow, no network, a bad archive, ...
+      raise DataUnavailableError(
+          f"TFDS could not prepare {name} ({type(e).__name__}: {e}): "
+          "preparing needs `pip install tensorflow` and a network "
+          f"connection, or run `tfds build {name}` on a machine that has "
+          f"them and copy the result into {folder}.") from e
+  try:
+    train = tfds.data_source(name, split=train_split, data_dir=data_dir,
+                             download=download)
+    test = tfds.data_source(name, split=test_split, data_dir=data_dir,
+                            download=download)
+  except Exception as e:
+    if builder.is_prepared():
+      raise
+    # Unprepared, TFDS fails deep inside (KeyError "`splits` is empty",
+    # NotImplementedError on a new data_dir, ...): say what to run instead.
+    raise DataUnavailableError(
+        f"the TFDS data set {name} is not prepared in {folder}: rerun with "
+        "--download (download=True), which needs `pip install tensorflow` "
+        f"and a network connection, or run `tfds build {name}` on such a "
+        "machine and copy the result there.") from e
   x_tr, y_tr = _tfds_split_arrays(train, max_train)
   x_te, y_te = _tfds_split_arrays(test, max_test)
   num_classes = builder.info.features["label"].num_classes
   return ArrayDataset(x_tr, y_tr, x_te, y_te, int(num_classes), name)
 
 
-def load_image_dataset(name: str, **kwargs) -> ArrayDataset:
-  """Fashion-MNIST from Debian's files when present, else TFDS.
+def load_image_dataset(name: str, source: str = "auto",
+                       **kwargs) -> ArrayDataset:
+  """An image classification set: Fashion-MNIST's files, or TFDS.
 
   Args:
     name: ``"fashion_mnist"`` or any TFDS image classification name.
-    **kwargs: passed to :func:`load_tfds_images`.
+    source: ``"auto"``: Fashion-MNIST from its IDX files (see
+      :func:`load_fashion_mnist`: ``$AALIG_DATA_DIR``, Debian's package, the
+      cache, else a verified download; no TensorFlow needed), any other
+      name from TFDS; ``"tfds"``: TFDS whatever the name.
+    **kwargs: passed to :func:`load_tfds_images` (for Fashion-MNIST's
+      files, only ``max_train`` and ``max_test`` apply).
 
   Returns:
     An :class:`ArrayDataset` of uint8 images and int32 labels.
+
+  Raises:
+    DataUnavailableError: the data are not available (one sentence naming
+      the fixes).
   """
-  if name == "fashion_mnist" and FASHION_MNIST_DIR.exists():
+  if source not in ("auto", "tfds"):
+    raise ValueError(f"source must be 'auto' or 'tfds', not {source!r}")
+  if name == "fashion_mnist" and source == "auto":
     data = load_fashion_mnist()
     mt, me = kwargs.get("max_train"), kwargs.get("max_test")
     if mt:
@@ -459,24 +611,33 @@ class TextData:
     return ids[starts[:, None] + np.arange(seq_len + 1)[None, :]]
 
 
-_TEXT_FILES = {"tolstoi": "war-and-peace.txt",
-               "tiny_shakespeare": "tinyshakespeare.txt"}
-_TEXT_URLS = {
-    "tolstoi": "https://www.gutenberg.org/cache/epub/2600/pg2600.txt",
-    "tiny_shakespeare": "https://raw.githubusercontent.com/karpathy/char-rnn/"
-                        "master/data/tinyshakespeare/input.txt",
+_TEXT_FILES = {
+    # name: (offline file name, download name in the cache, URL). Gutenberg's
+    # file differs from the shared copy (no pinned digest), so it is cached
+    # under its own name; karpathy's file is the shared copy, same digest.
+    "tolstoi": ("war-and-peace.txt", "pg2600.txt",
+                "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"),
+    "tiny_shakespeare": ("tinyshakespeare.txt", "tinyshakespeare.txt",
+                         "https://raw.githubusercontent.com/karpathy/"
+                         "char-rnn/master/data/tinyshakespeare/input.txt"),
 }
 
 
+def _check_war_and_peace(path) -> None:
+  # Without a digest: the whole novel (~3.2 million characters) or nothing.
+  text = pathlib.Path(path).read_text(encoding="utf-8")
+  if len(text) < 3_000_000 or "war and peace" not in text[:5000].lower():
+    raise ValueError(f"{len(text)} characters, expected the ~3.2 million "
+                     "of War and Peace")
+
+
 def _text_path(name: str, data_dir=None) -> pathlib.Path:
-  fname = _TEXT_FILES[name]
-  folders = ([pathlib.Path(data_dir)] if data_dir else []) + [
-      shared_data_dir(), cache_dir()]
-  for folder in folders:
-    if (folder / fname).exists():
-      return folder / fname
-  print(f"{fname} not found in {[str(f) for f in folders]}.")
-  return _download(_TEXT_URLS[name], cache_dir() / fname)
+  local, remote, url = _TEXT_FILES[name]
+  found = _find((local, remote), data_dir)
+  if found is not None:
+    return found
+  check = _check_war_and_peace if name == "tolstoi" else None
+  return download.download(url, cache_dir() / remote, check=check)
 
 
 def load_text(name: str = "tolstoi", data_dir=None,
@@ -493,14 +654,19 @@ def load_text(name: str = "tolstoi", data_dir=None,
   Args:
     name: ``"tolstoi"`` or ``"tiny_shakespeare"``.
     data_dir: a folder to look in first for ``war-and-peace.txt`` /
-      ``tinyshakespeare.txt``; then :func:`shared_data_dir`, then
-      :func:`cache_dir`, then the text is downloaded (Project Gutenberg
-      #2600 / karpathy/char-rnn) into the cache.
+      ``tinyshakespeare.txt``; then ``$AALIG_DATA_DIR``, the shared offline
+      copies, :func:`cache_dir`, then the text is downloaded (Project
+      Gutenberg #2600 as ``pg2600.txt`` / karpathy/char-rnn) into the
+      cache, verified (see :mod:`examples.common.download`).
     test_fraction: share of the text at its end held out.
     max_chars: keep only the first characters of the text (quick runs).
 
   Returns:
     A :class:`TextData`.
+
+  Raises:
+    DataUnavailableError: the text is absent and cannot be downloaded, or
+      fails verification.
   """
   text = _text_path(name, data_dir).read_text(encoding="utf-8")
   if max_chars:

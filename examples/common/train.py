@@ -46,6 +46,8 @@ __all__ = [
     "logged_step_size",
     "make_optimizer",
     "plot_runs",
+    "previous_run_files",
+    "RunExistsError",
     "train_supervised",
 ]
 
@@ -190,6 +192,34 @@ def _from_saveable(template, saved):
   return jax.tree.unflatten(treedef, new)
 
 
+def previous_run_files(directory) -> list[pathlib.Path]:
+  """What a previous run left in `directory`: checkpoints and metrics.
+
+  Looks at `directory` and two levels of run folders below it (the
+  examples' layouts: ``<workdir>/<run>/`` and ``<workdir>/<set>/<run>/``),
+  not deeper, so that a mistaken ``--workdir ~`` stays quick.
+
+  Args:
+    directory: a run folder or an example's workdir.
+
+  Returns:
+    The non-empty ``ckpt`` folders and ``metrics.json`` files found, sorted.
+  """
+  directory = pathlib.Path(directory)
+  found = []
+  for pattern in ("", "*/", "*/*/"):
+    for path in directory.glob(pattern + "ckpt"):
+      if path.is_dir() and any(path.iterdir()):
+        found.append(path)
+    found.extend(p for p in directory.glob(pattern + "metrics.json")
+                 if p.is_file())
+  return sorted(found)
+
+
+class RunExistsError(FileExistsError):
+  """A fresh run would replace a previous run's checkpoints."""
+
+
 class Checkpointer:
   """Orbax checkpoints of (state, history), one per epoch, the last 2 kept.
 
@@ -198,11 +228,29 @@ class Checkpointer:
   of a freshly initialised template.
   """
 
-  def __init__(self, directory: pathlib.Path, fresh: bool):
+  def __init__(self, directory: pathlib.Path, fresh: bool,
+               overwrite: bool = False):
+    """Opens (or, for a fresh run, creates) the checkpoint folder.
+
+    Args:
+      directory: the run's ``ckpt`` folder.
+      fresh: the run starts from scratch (no ``resume``).
+      overwrite: a fresh run may delete the checkpoints already in
+        `directory`; without it, existing checkpoints raise.
+
+    Raises:
+      RunExistsError: if `fresh`, `directory` holds checkpoints and not
+        `overwrite`; nothing is deleted.
+    """
     import orbax.checkpoint as ocp  # Imported late: slow to import.
     self._ocp = ocp
     directory = pathlib.Path(directory).resolve()
-    if fresh and directory.exists():
+    if fresh and directory.is_dir() and any(directory.iterdir()):
+      if not overwrite:
+        raise RunExistsError(
+            f"{directory} holds a previous run's checkpoints: pass "
+            "resume=True (--resume) to continue it, overwrite=True "
+            "(--overwrite) to replace it, or use another workdir.")
       shutil.rmtree(directory)
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
@@ -245,7 +293,8 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
         batch_size: int, num_epochs: int, seed: int, workdir,
         evaluate: Optional[Callable] = None,
         epoch_metrics: Optional[Callable] = None, resume: bool = False,
-        desc: str = "", verbose: bool = True, log_every: int = 10,
+        overwrite: bool = False, desc: str = "", verbose: bool = True,
+        log_every: int = 10,
         max_steps_per_epoch: Optional[int] = None, trace_points: int = 20):
   """Trains for `num_epochs` epochs, checkpointing after each.
 
@@ -262,8 +311,10 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
     workdir: run folder: ``ckpt/`` and ``metrics.json`` go there.
     evaluate: ``state -> dict`` of host metrics, run after each epoch.
     epoch_metrics: ``state -> dict`` of scalars (e.g. ``aalig_metrics``).
-    resume: continue from the latest checkpoint in `workdir` if any;
-      otherwise an existing checkpoint folder is replaced.
+    resume: continue from the latest checkpoint in `workdir` if any.
+    overwrite: without `resume`, replace a previous run's checkpoints and
+      metrics in `workdir`; without either, a previous run raises
+      :class:`RunExistsError` and nothing is deleted.
     desc: progress-bar label.
     verbose: print one line of metrics per epoch.
     log_every: steps between progress-bar refreshes (each forces a sync).
@@ -277,8 +328,14 @@ def fit(state, train_step: Callable, train_data, *, num_examples: int,
   from tqdm.auto import tqdm  # Optional dependency of the examples.
 
   workdir = pathlib.Path(workdir)
+  if not resume and not overwrite and (workdir / "metrics.json").exists():
+    # Metrics without checkpoints (deleted to save space) are work too.
+    raise RunExistsError(
+        f"{workdir} holds a previous run's metrics.json: pass resume=True "
+        "(--resume) to continue it, overwrite=True (--overwrite) to replace "
+        "it, or use another workdir.")
   workdir.mkdir(parents=True, exist_ok=True)
-  ckpt = Checkpointer(workdir / "ckpt", fresh=not resume)
+  ckpt = Checkpointer(workdir / "ckpt", fresh=not resume, overwrite=overwrite)
   history: list = []
   start_epoch = 0
   latest = ckpt.latest() if resume else None
@@ -419,7 +476,8 @@ def make_evaluator(problem: Problem, graphdef, batch_size: int = 1000):
 
 def train_supervised(problem: Problem, cfg: OptConfig, *, batch_size: int,
                      num_epochs: int, seed: int, workdir,
-                     resume: bool = False, eval_train: bool = False,
+                     resume: bool = False, overwrite: bool = False,
+                     eval_train: bool = False,
                      eval_batch_size: int = 1000, verbose: bool = True,
                      max_steps_per_epoch: Optional[int] = None,
                      max_eval: Optional[int] = None):
@@ -445,6 +503,7 @@ def train_supervised(problem: Problem, cfg: OptConfig, *, batch_size: int,
     seed: model-initialisation and data-order seed.
     workdir: the run's folder.
     resume: continue from the latest checkpoint.
+    overwrite: replace a previous run's checkpoints (see :func:`fit`).
     eval_train: also evaluate the full training set each epoch (the paper's
       training-loss curves for the convex problems); else the epoch's mean
       batch loss is the training loss.
@@ -516,7 +575,8 @@ def train_supervised(problem: Problem, cfg: OptConfig, *, batch_size: int,
   return fit(state, train_step, train_data, num_examples=num_examples,
              batch_size=batch_size, num_epochs=num_epochs, seed=seed,
              workdir=workdir, evaluate=evaluate, epoch_metrics=epoch_metrics,
-             resume=resume, desc=f"{problem.name} {cfg.label}",
+             resume=resume, overwrite=overwrite,
+             desc=f"{problem.name} {cfg.label}",
              verbose=verbose, max_steps_per_epoch=max_steps_per_epoch)
 
 
@@ -532,7 +592,7 @@ def compare_classifiers(problem: Problem, configs: Sequence[OptConfig], args,
     problem: the task (data, model, per-example loss).
     configs: the optimisers to compare.
     args: the parsed command line (batch_size, epochs, seed, workdir, resume,
-      quiet, steps_per_epoch).
+      overwrite, quiet, steps_per_epoch).
     name: run name; each optimiser's run goes to ``workdir/<name>_<opt>``.
     val_label: y-axis label of the validation panel.
     title: the plot's title.
@@ -549,8 +609,8 @@ def compare_classifiers(problem: Problem, configs: Sequence[OptConfig], args,
     _, hist = train_supervised(
         problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
         seed=args.seed, workdir=workdir / f"{name}_{cfg.name}",
-        resume=args.resume, verbose=not args.quiet,
-        max_steps_per_epoch=args.steps_per_epoch)
+        resume=args.resume, overwrite=args.overwrite,
+        verbose=not args.quiet, max_steps_per_epoch=args.steps_per_epoch)
     histories[cfg.label] = hist
     last = hist[-1]
     rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],

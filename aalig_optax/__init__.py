@@ -1,13 +1,13 @@
 """aalig-optax: AALIG (Adaptive ALI-G) and ALI-G as Optax gradient transformations."""
 
 from aalig_optax._aalig import aalig
-from aalig_optax._aalig import aalig_metrics
-from aalig_optax._aalig import AaligConfig
-from aalig_optax._aalig import check_hyperparams
-from aalig_optax._aalig import check_indices
 from aalig_optax._aalig import scale_by_aalig
-from aalig_optax._aalig import ScaleByAaligState
-from aalig_optax._aalig import update_aovs
+from aalig_optax._aov import update_aovs
+from aalig_optax._metrics import aalig_metrics
+from aalig_optax._metrics import check_hyperparams
+from aalig_optax._metrics import check_indices
+from aalig_optax._state import AaligConfig
+from aalig_optax._state import ScaleByAaligState
 from aalig_optax._alig import alig
 from aalig_optax._alig import project_l2_ball
 from aalig_optax._alig import scale_by_alig

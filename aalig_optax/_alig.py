@@ -9,8 +9,53 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aalig_optax import _aalig
 from aalig_optax import _checks
+
+
+def polyak_step_size(gap, sq_norm, max_learning_rate, eps):
+  """clip(gap / (||g||^2 + eps), 0, max_learning_rate), as in optax's SPS+.
+
+  Zero where the denominator is at or below machine epsilon, or where `gap`
+  or `sq_norm` is not finite (the callers then skip the batch).
+  """
+  denom = sq_norm + eps
+  step = jnp.minimum(jnp.maximum(gap, 0.0) / denom, max_learning_rate)
+  ok = jnp.isfinite(gap) & jnp.isfinite(sq_norm)
+  return jnp.where(ok & (denom > jnp.finfo(jnp.float32).eps), step,
+                   0.0).astype(jnp.float32)
+
+
+def step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
+  """(c, s, gamma) such that the update is c * (s * g) and gamma the step size.
+
+  Usually s = 1 and c = gamma. When ||g||^2 overflows float32 though g is
+  finite, g is first scaled by a power of two s = 2^-e that makes its norm
+  representable, and c = gamma / s: the update gamma * g is then what the
+  finite maths gives even where gamma itself is below float32's range.
+  """
+  gamma = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
+
+  def overflowed():
+    top = optax.tree.max(jax.tree.map(jnp.abs, grads32))
+    e = jnp.clip(jnp.ceil(jnp.log2(top)), 0, 126).astype(jnp.int32)
+    s = jnp.ldexp(jnp.float32(1), -e)
+    r = optax.tree.norm(optax.tree.scale(s, grads32), squared=True)
+    # gamma / s = gap s / (r + eps s^2), clipped at max_learning_rate / s.
+    c = (gap * s) / (r + (eps * s) * s)
+    c = jnp.clip(c, 0.0, max_learning_rate * jnp.ldexp(jnp.float32(1), e))
+    return c, s, c * s
+
+  def usual():
+    return gamma, jnp.float32(1), gamma
+
+  return jax.lax.cond(jnp.isinf(sq_norm) & jnp.isfinite(gap), overflowed,
+                      usual)
+
+
+def momentum_or_identity(momentum):
+  if isinstance(momentum, (int, float)) and momentum == 0:
+    return optax.identity()
+  return optax.trace(decay=momentum, nesterov=True)
 
 
 class ScaleByAligState(NamedTuple):
@@ -39,7 +84,8 @@ def scale_by_alig(
 
   with :math:`f` the batch loss given as the keyword ``value`` (optax's
   convention, as in ``optax.polyak_sgd``) and :math:`B` its lower bound. A
-  non-finite `value` or gradient gives a zero step size.
+  non-finite `value` or gradient gives a zero step size; a finite gradient
+  whose squared norm overflows float32 gets the step the finite maths gives.
 
   Args:
     max_learning_rate: the maximal step size :math:`\eta` (> 0).
@@ -83,11 +129,12 @@ def scale_by_alig(
           f"value must be the scalar batch loss, got shape {value.shape}; "
           "pass the mean of the per-example losses.")
     gap = value.astype(jnp.float32) - jnp.asarray(lower_bound, jnp.float32)
-    sq_norm = optax.tree.norm(
-        optax.tree.cast(updates, jnp.float32), squared=True)
-    step_size = _aalig.polyak_step_size(gap, sq_norm, max_learning_rate, eps)
+    grads32 = optax.tree.cast(updates, jnp.float32)
+    sq_norm = optax.tree.norm(grads32, squared=True)
+    coef, scale, step_size = step_coefficients(gap, grads32, sq_norm,
+                                               max_learning_rate, eps)
     updates = jax.tree.map(
-        lambda g: jnp.where(step_size > 0, step_size * g, 0).astype(g.dtype),
+        lambda g: jnp.where(coef > 0, (g * scale) * coef, 0).astype(g.dtype),
         updates)
     return updates, ScaleByAligState(
         count=optax.safe_int32_increment(state.count), step_size=step_size)
@@ -126,9 +173,8 @@ def project_l2_ball(max_norm: chex.Numeric) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("project_l2_ball needs params in update.")
     new_params = optax.apply_updates(params, updates)
-    norm = optax.tree.norm(optax.tree.cast(new_params, jnp.float32))
-    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-    projected = optax.tree.scale(scale, new_params)
+    projected = optax.projections.projection_l2_ball(
+        optax.tree.cast(new_params, jnp.float32), max_norm)
     return optax.tree.cast_like(optax.tree.sub(projected, params),
                                 updates), state
 
@@ -184,7 +230,7 @@ def alig(
   """
   _checks.check_momentum(momentum)
   parts = [scale_by_alig(max_learning_rate, lower_bound=lower_bound, eps=eps),
-           _aalig._momentum_or_identity(momentum), optax.scale(-1.0)]
+           momentum_or_identity(momentum), optax.scale(-1.0)]
   if max_norm is not None:
     parts.append(project_l2_ball(max_norm))
   return optax.chain(*parts)

@@ -169,3 +169,18 @@ def check_batch(
           f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}."
       )
   return losses, indices, mask
+
+
+def clip_injected(value, lo, hi, nan_to):
+  """(value clipped into [lo, hi], whether it was outside) for a JAX array.
+
+  Python and NumPy numbers were checked at construction and pass unchanged,
+  so the compiled program only grows where a value can change at run time
+  (``optax.inject_hyperparams``).
+  """
+  if not isinstance(value, jax.Array):
+    return value, False
+  v = jnp.asarray(value, jnp.float32)
+  ok = (v >= lo) & (v <= hi)  # False for NaN.
+  fixed = jnp.where(jnp.isnan(v), nan_to, jnp.clip(v, lo, hi))
+  return jnp.where(ok, v, fixed), ~ok

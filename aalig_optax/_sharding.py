@@ -7,10 +7,9 @@ from typing import Any, Optional, Sequence, Union
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from aalig_optax._aalig import ScaleByAaligState
+from aalig_optax._state import ScaleByAaligState
+from aalig_optax._state import TABLE_FIELDS
 
-# The per-example tables of ScaleByAaligState, each of shape [num_examples].
-_TABLES = ("aov", "aov_step", "last_loss", "best_loss")
 
 
 def _is_aalig_state(x) -> bool:
@@ -76,7 +75,7 @@ def state_shardings(
     if _is_aalig_state(node):
       return ScaleByAaligState(**{
           name: jax.tree.map(
-              lambda _, s=(tables if name in _TABLES else replicated): s,
+              lambda _, s=(tables if name in TABLE_FIELDS else replicated): s,
               value)
           for name, value in node._asdict().items()})
     return replicated

@@ -1,0 +1,108 @@
+"""AALIG's AOV update at section ends, and the best-epoch bookkeeping."""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import optax
+
+from aalig_optax._state import ScaleByAaligState
+
+
+def update_aovs(
+    aov: chex.Array,
+    aov_step: chex.Array,
+    loss_estimate: chex.Array,
+    lower_bound: chex.Numeric = 0.0,
+) -> tuple[chex.Array, chex.Array]:
+  r"""The section-end AOV update of AALIG (Algorithm 2), as a pure function.
+
+  For each example with estimate :math:`l` of its loss at the section's best
+  point, AOV :math:`a` and last increase :math:`d`:
+
+  .. math::
+    (a, d) \leftarrow \begin{cases}
+      (\max(a - d/2, B), d) & l \le a \text{ (reached)} \\
+      ((a + l)/2, (l - a)/2) & l > a \text{ (not reached)} \\
+      (a, d) & l \text{ is NaN (never seen).}
+    \end{cases}
+
+  A reached AOV keeps its step, so each further reach lowers it by the same
+  amount again. Element-wise `jnp.where` only: it can run under `jit`,
+  `vmap`, `lax.cond` and on sharded tables.
+
+  Args:
+    aov: AOV table, shape [N].
+    aov_step: last increase of each AOV, shape [N].
+    loss_estimate: each example's loss estimate, shape [N]; NaN for examples
+      never seen.
+    lower_bound: the known lower bound B of every per-example loss.
+
+  Returns:
+    The new `(aov, aov_step)`, in the dtypes of the inputs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from aalig_optax import update_aovs
+    >>> aov, step = update_aovs(jnp.array([0.0, 1.0, 1.0]),
+    ...                         jnp.array([0.0, 0.4, 0.0]),
+    ...                         jnp.array([2.0, 0.5, jnp.nan]))
+    >>> [round(x, 6) for x in aov.tolist()], step.tolist()[::2]
+    ([1.0, 0.8, 1.0], [1.0, 0.0])
+
+  References:
+    Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", TMLR
+    2022, Algorithm 2, and the authors' released code (Alasdair-P/alig_plus).
+  """
+  dtype = aov.dtype
+  a = aov.astype(jnp.float32)
+  d = aov_step.astype(jnp.float32)
+  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
+  seen = ~jnp.isnan(lo)
+  reached = lo <= a
+  # a/2 + lo/2 rounds as (a + lo)/2 does, but cannot overflow to inf.
+  # The new step first, then the AOV from it (equal to the old step where
+  # reached): each table then reads only itself and tables already written,
+  # so that under `jit` XLA updates both in place (no per-step table copy).
+  new_d = jnp.where(seen & ~reached, lo / 2 - a / 2, d).astype(aov_step.dtype)
+  new_a = jnp.where(
+      reached,
+      jnp.maximum(a - new_d.astype(jnp.float32) / 2,
+                  jnp.asarray(lower_bound, jnp.float32)),
+      a / 2 + lo / 2)
+  return jnp.where(seen, new_a, a).astype(dtype), new_d
+
+
+def end_epoch(state: ScaleByAaligState) -> ScaleByAaligState:
+  """``loss_estimate="best_epoch"``: keeps this epoch's losses if its mean is
+  the section's lowest so far (an empty epoch never is), then starts a new
+  epoch mean."""
+  improved = ((state.epoch_loss_count > 0)
+              & (state.epoch_loss_mean < state.best_epoch_mean))
+  return state._replace(
+      best_loss=jnp.where(improved, state.last_loss, state.best_loss),
+      best_epoch_mean=jnp.where(improved, state.epoch_loss_mean,
+                                state.best_epoch_mean),
+      epoch_loss_mean=jnp.zeros_like(state.epoch_loss_mean),
+      epoch_loss_count=jnp.zeros_like(state.epoch_loss_count))
+
+
+def end_section(state: ScaleByAaligState,
+                lower_bound: chex.Numeric) -> ScaleByAaligState:
+  """Moves every seen AOV by :func:`update_aovs`: the only O(N) work."""
+  best_epoch = state.best_loss is not None
+  estimate = state.best_loss if best_epoch else state.last_loss
+  # Two independent reductions straight from the tables (NaN compares False).
+  num_reached = jnp.sum(estimate <= state.aov, dtype=jnp.int32)
+  num_seen = jnp.sum(~jnp.isnan(estimate), dtype=jnp.int32)
+  aov, aov_step = update_aovs(state.aov, state.aov_step, estimate,
+                              lower_bound)
+  state = state._replace(
+      aov=aov, aov_step=aov_step,
+      reached_fraction=(num_reached.astype(jnp.float32)
+                        / jnp.maximum(num_seen, 1).astype(jnp.float32)),
+      num_sections=optax.safe_int32_increment(state.num_sections))
+  if best_epoch:
+    state = state._replace(
+        best_epoch_mean=jnp.full_like(state.best_epoch_mean, jnp.inf))
+  return state

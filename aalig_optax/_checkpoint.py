@@ -5,23 +5,70 @@ in silence: a checkpoint written for another `num_examples`, `table_dtype` or
 `loss_estimate`, or one whose files are incomplete, raises a ValueError that
 names the leaf. Orbax (``orbax-checkpoint``) is imported only when these
 functions are called; the transforms themselves do not need it.
+
+Next to Orbax's files, :func:`save_state` writes ``aalig_checksums.json``:
+each leaf's shape, dtype and SHA-256, and the :class:`AaligConfig` of every
+:class:`ScaleByAaligState` in the tree (by its path). :func:`restore_state`
+uses it to catch damaged files, and to refuse a checkpoint of another AALIG
+schedule (`steps_per_epoch`, `epochs_per_section`, a lower `lower_bound`):
+its counters and AOVs would be read against the wrong sections.
+
+Saving is atomic on a local (POSIX) file system: the checkpoint is written in
+full beside its destination and renamed into place, so a save that fails or
+is killed at any moment leaves the previous checkpoint restorable (or no
+checkpoint, for a new one), never a mixture; the next save to the same path
+removes what a killed one left behind. Leaves may be arrays (JAX or NumPy)
+or Python ``bool``, ``int`` and ``float`` scalars, which restore as the same
+Python scalars. One process (or one multi-process job) writes a given path at
+a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+import re
+import secrets
+import shutil
+from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from aalig_optax._aalig import AaligConfig
+from aalig_optax._aalig import ScaleByAaligState
+
 _TABLES = ("aov", "aov_step", "last_loss", "best_loss")
-# Written next to Orbax's files once they are complete: each leaf's shape,
-# dtype and SHA-256, so that a missing or damaged chunk (which Zarr may read
-# back as its fill value) cannot pass unnoticed.
+# Written into the checkpoint before it is renamed into place: each leaf's
+# shape, dtype and SHA-256, so that a missing or damaged chunk (which Zarr
+# may read back as its fill value) cannot pass unnoticed, and each AALIG
+# state's config, so that a checkpoint of another schedule is refused.
 CHECKSUM_FILE = "aalig_checksums.json"
+
+# Siblings of a checkpoint at PATH during a save: PATH.tmp-<hex> is the new
+# checkpoint being written (or an old one being deleted), PATH.old-<hex> the
+# previous, complete checkpoint between the two renames of a commit.
+_TMP = r"\.tmp-[0-9a-f]{16}(\.orbax-checkpoint-tmp.*)?|\.orbax-checkpoint-tmp.*"
+_OLD = r"\.old-[0-9a-f]{16}"
+
+# Python scalars: the NumPy dtype they are hashed (and stored by Orbax) as.
+_PYTHON_SCALARS = {bool: "bool", int: "int", float: "float"}
+_SCALAR_DTYPES = {"bool": np.dtype(np.bool_), "int": np.dtype(np.int64),
+                  "float": np.dtype(np.float64)}
+_SCALAR_TYPES = {"bool": bool, "int": int, "float": float}
+_SCALAR_KINDS = {"bool": np.bool_, "int": np.integer, "float": np.floating}
+
+# AaligConfig fields that must be equal for a checkpoint to be restored;
+# lower_bound may decrease (the stored AOVs still lie above the new bound).
+_EQUAL_FIELDS = ("num_examples", "steps_per_epoch", "epochs_per_section",
+                 "loss_estimate", "table_dtype")
+_FIELD_TYPES = {"num_examples": int, "steps_per_epoch": int,
+                "epochs_per_section": int, "loss_estimate": str,
+                "table_dtype": str, "lower_bound": (int, float, type(None))}
 
 
 def _key_str(key: Any) -> str:
@@ -31,37 +78,98 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
+def _path_str(path: Any) -> str:
+  return "/".join(_key_str(k) for k in path)
+
+
 def _flat(tree: Any) -> dict[str, Any]:
   """{'a/0/aov': leaf} for every non-None leaf; NamedTuples by field name."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {"/".join(_key_str(k) for k in path): leaf for path, leaf in leaves}
+  return {_path_str(path): leaf for path, leaf in leaves}
 
 
-def _describe(path: str, got: Any, want: Any, what: str) -> str:
-  got_shape, want_shape = tuple(got.shape), tuple(want.shape)
-  msg = (f"leaf '{path}': {what} has shape {got_shape} dtype "
-         f"{np.dtype(got.dtype)}, expected shape {want_shape} dtype "
-         f"{np.dtype(want.dtype)}")
+def _configs(tree: Any) -> dict[str, Optional[AaligConfig]]:
+  """{path: config} of every ScaleByAaligState in `tree`."""
+  nodes, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, ScaleByAaligState))
+  return {_path_str(path): node.config for path, node in nodes
+          if isinstance(node, ScaleByAaligState)}
+
+
+class _Spec(NamedTuple):
+  """A leaf's shape and dtype; `python` names a Python scalar's type."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  python: Optional[str] = None
+
+
+def _spec(x: Any) -> _Spec:
+  kind = _PYTHON_SCALARS.get(type(x))
+  if kind is None and type(x).__name__ == "ScalarMetadata":
+    # Orbax's metadata of a saved Python scalar (array metadata otherwise).
+    dtype = np.dtype(x.dtype)
+    kind = next(k for k, v in _SCALAR_KINDS.items()
+                if jnp.issubdtype(dtype, v))
+  if kind is not None:
+    return _Spec((), _SCALAR_DTYPES[kind], kind)
+  if not hasattr(x, "dtype"):
+    raise TypeError(
+        f"a {type(x).__name__} is neither an array nor a Python bool, int or "
+        "float")
+  return _Spec(tuple(np.shape(x)), np.dtype(x.dtype))
+
+
+def _fits(got: _Spec, want: _Spec) -> bool:
+  if got.python is not None:
+    # A Python scalar restores as itself: into a Python scalar of its type,
+    # or a shape-() leaf of its kind (what jax.eval_shape makes of it).
+    if want.python is not None:
+      return got.python == want.python
+    return want.shape == () and jnp.issubdtype(want.dtype,
+                                               _SCALAR_KINDS[got.python])
+  # An array is never turned into a Python scalar, nor cast.
+  return want.python is None and got[:2] == want[:2]
+
+
+def _spec_str(s: _Spec) -> str:
+  if s.python is not None:
+    return f"a Python {s.python}"
+  return f"shape {s.shape} dtype {s.dtype}"
+
+
+def _describe(path: str, got: _Spec, want: _Spec, what: str) -> str:
+  has = "holds" if got.python is not None else "has"
+  msg = f"leaf '{path}': {what} {has} {_spec_str(got)}, expected " + (
+      _spec_str(want))
   name = path.rsplit("/", 1)[-1]
-  if (name in _TABLES and got_shape != want_shape and len(got_shape) == 1
-      and len(want_shape) == 1):
-    msg += (f" (the {what} holds tables for {got_shape[0]} examples, the "
-            f"optimiser was built with num_examples={want_shape[0]})")
+  if (name in _TABLES and got.python is None and want.python is None
+      and got.shape != want.shape and len(got.shape) == 1
+      and len(want.shape) == 1):
+    msg += (f" (the {what} holds tables for {got.shape[0]} examples, the "
+            f"optimiser was built with num_examples={want.shape[0]})")
   return msg
 
 
-def _compare(found: dict[str, Any], expected: dict[str, Any], what: str):
+def _compare(found: dict[str, _Spec], expected: dict[str, _Spec], what: str):
   problems = []
   for path in sorted(expected.keys() - found.keys()):
     problems.append(f"leaf '{path}' is missing from the {what}")
   for path in sorted(found.keys() - expected.keys()):
     problems.append(f"leaf '{path}' is in the {what} but not expected")
   for path in sorted(found.keys() & expected.keys()):
-    got, want = found[path], expected[path]
-    if (tuple(np.shape(got)) != tuple(np.shape(want))
-        or np.dtype(got.dtype) != np.dtype(want.dtype)):
-      problems.append(_describe(path, got, want, what))
+    if not _fits(found[path], expected[path]):
+      problems.append(_describe(path, found[path], expected[path], what))
   return problems
+
+
+def _specs(tree: Any, what: str) -> dict[str, _Spec]:
+  specs = {}
+  for path, x in _flat(tree).items():
+    try:
+      specs[path] = _spec(x)
+    except TypeError as e:
+      raise TypeError(f"leaf '{path}' of the {what}: {e}.") from None
+  return specs
 
 
 def validate_state(state: Any, like: Any) -> None:
@@ -69,7 +177,9 @@ def validate_state(state: Any, like: Any) -> None:
 
   Checks the tree structure and each leaf's shape and dtype, so that, e.g., a
   state built for another `num_examples`, `table_dtype` or `loss_estimate`
-  is reported rather than used.
+  is reported rather than used. A Python scalar in `state` matches a Python
+  scalar of its type in `like`, or a shape-() leaf of its kind (bool,
+  integer, floating); an array never matches a Python scalar.
 
   Args:
     state: a pytree of arrays, e.g. a restored optimiser state.
@@ -78,6 +188,7 @@ def validate_state(state: Any, like: Any) -> None:
 
   Raises:
     ValueError: naming every mismatched leaf by its path.
+    TypeError: when a leaf is neither an array nor a Python scalar.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -90,23 +201,95 @@ def validate_state(state: Any, like: Any) -> None:
     ...   print(str(e).splitlines()[1].split(":")[0].strip())
     leaf '0/aov'
   """
-  problems = _compare(_flat(state), _flat(like), "state")
+  problems = _compare(_specs(state, "state"), _specs(like, "expected state"),
+                      "state")
   if problems:
     raise ValueError("The state does not match the expected structure:\n  "
                      + "\n  ".join(problems))
 
 
-def _digest(x: Any) -> str | None:
+def _digest(x: Any, spec: _Spec) -> str | None:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return None  # Multi-process arrays: Orbax's own checks only.
-  arr = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  if spec.python is not None:
+    # OverflowError for an int beyond int64, which Orbax cannot store.
+    arr = np.asarray(x, _SCALAR_DTYPES[spec.python])
+  else:
+    arr = np.ascontiguousarray(np.asarray(jax.device_get(x)))
   return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
 def _manifest(state: Any) -> dict[str, Any]:
-  return {path: {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype)),
-                 "sha256": _digest(x)}
-          for path, x in _flat(state).items()}
+  leaves = {}
+  for path, x in _flat(state).items():
+    try:
+      spec = _spec(x)
+      entry = {"shape": list(spec.shape), "dtype": str(spec.dtype),
+               "sha256": _digest(x, spec)}
+    except (TypeError, OverflowError) as e:
+      raise TypeError(
+          f"save_state cannot save leaf '{path}' ({e}): leaves must be "
+          "arrays or Python bool, int (within int64) or float scalars."
+      ) from None
+    if spec.python is not None:
+      entry["python"] = spec.python
+    leaves[path] = entry
+  configs = {path: None if c is None else dataclasses.asdict(c)
+             for path, c in _configs(state).items()}
+  return {"leaves": leaves, "configs": configs}
+
+
+def _parse_manifest(raw: Any) -> tuple[dict[str, Any], Optional[dict]]:
+  """(checksums, configs) of a loaded checksum file; ValueError if malformed.
+
+  `configs` is None for a file written before configs were recorded.
+  """
+  if not isinstance(raw, dict) or not isinstance(raw.get("leaves"), dict):
+    raise ValueError('not an object with a "leaves" object')
+  for path, entry in raw["leaves"].items():
+    if not isinstance(entry, dict) or "sha256" not in entry or not (
+        entry["sha256"] is None or isinstance(entry["sha256"], str)):
+      raise ValueError(f"bad entry for leaf {path!r}: {entry!r}")
+  configs = raw.get("configs")
+  if configs is not None:
+    if not isinstance(configs, dict):
+      raise ValueError(f'"configs" is not an object: {configs!r}')
+    for path, config in configs.items():
+      if config is None:
+        continue
+      if not isinstance(config, dict) or any(
+          isinstance(config[f], bool) or not isinstance(config[f], t)
+          for f, t in _FIELD_TYPES.items() if f in config):
+        raise ValueError(f"bad config for {path!r}: {config!r}")
+  return raw["leaves"], configs
+
+
+def _schedule_problems(stored: Optional[dict[str, Any]],
+                       expected: dict[str, Optional[AaligConfig]]):
+  """(problems, paths whose schedule the checkpoint does not record)."""
+  problems, unchecked = [], []
+  for path, want in sorted(expected.items()):
+    if want is None:
+      continue
+    have = None if stored is None else stored.get(path)
+    if have is None:
+      unchecked.append(path)
+      continue
+    # Fields a checkpoint does not record (a newer AaligConfig) are skipped.
+    diffs = [f"{f}={have[f]!r} (checkpoint) vs {getattr(want, f)!r} "
+             "(expected)" for f in _EQUAL_FIELDS
+             if f in have and have[f] != getattr(want, f)]
+    old, new = have.get("lower_bound"), want.lower_bound
+    # None: injected as a JAX array, unknown until run time.
+    if old is not None and new is not None and new > old:
+      diffs.append(f"lower_bound={old!r} (checkpoint) vs {new!r} (expected):"
+                   " the stored AOVs may lie below the new bound")
+    if diffs:
+      problems.append(
+          f"the AALIG state at '{path}' was saved for another schedule; its "
+          "counters and AOVs would be read against the wrong sections: "
+          + "; ".join(diffs))
+  return problems, unchecked
 
 
 def _orbax():
@@ -119,30 +302,182 @@ def _orbax():
   return ocp
 
 
+def _siblings(path: str, pattern: str) -> list[str]:
+  parent, name = os.path.split(path)
+  try:
+    entries = os.listdir(parent)
+  except FileNotFoundError:
+    return []
+  rx = re.compile(re.escape(name) + f"(?:{pattern})")
+  return sorted(os.path.join(parent, e) for e in entries if rx.fullmatch(e))
+
+
+def _token() -> str:
+  """16 random hex digits, the same on every process."""
+  words = np.frombuffer(os.urandom(8), np.uint32)
+  if jax.process_count() > 1:
+    words = np.asarray(_multihost().broadcast_one_to_all(words))
+  return "".join(f"{int(w):08x}" for w in words)
+
+
+def _multihost():
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    _multihost().sync_global_devices(name)
+
+
+def _fsync(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # Not every file system syncs directories.
+  finally:
+    os.close(fd)
+
+
+def _delete_old(old: str, path: str) -> None:
+  """Deletes a previous checkpoint `old` of `path`.
+
+  It is renamed to a .tmp- name first, so that an .old- sibling is always
+  complete and a half-deleted one is mere debris.
+  """
+  trash = f"{path}.tmp-{secrets.token_hex(8)}"
+  try:
+    os.rename(old, trash)
+  except OSError:
+    trash = old
+  if os.path.isdir(trash) and not os.path.islink(trash):
+    shutil.rmtree(trash, ignore_errors=True)
+  else:  # `force` replaced a file or a link
+    os.remove(trash)
+
+
+def _recover(path: str) -> None:
+  """Finishes or undoes a save that was killed; removes its debris."""
+  olds = _siblings(path, _OLD)
+  if olds and not os.path.lexists(path):
+    # Killed between its two renames: the previous checkpoint goes back.
+    os.rename(olds.pop(), path)
+  for old in olds:
+    _delete_old(old, path)
+  for debris in _siblings(path, _TMP):
+    shutil.rmtree(debris, ignore_errors=True)
+
+
+def _resolve(path: str) -> str:
+  """The directory to read: `path`, or its previous checkpoint mid-commit."""
+  if os.path.isdir(path):
+    return path
+  olds = [p for p in _siblings(path, _OLD) if os.path.isdir(p)]
+  if olds:
+    return max(olds, key=os.path.getmtime)
+  raise FileNotFoundError(f"No checkpoint directory at {path}.")
+
+
+def _commit(tmp: str, path: str, token: str) -> None:
+  """Renames the complete checkpoint `tmp` to `path`, replacing one there."""
+  parent = os.path.dirname(path)
+  old = f"{path}.old-{token}"
+  replacing = os.path.lexists(path)
+  # A directory cannot be renamed over a non-empty one: the old checkpoint
+  # steps aside first. In between, restore_state reads it from `old`.
+  if replacing:
+    os.rename(path, old)
+  try:
+    os.rename(tmp, path)
+  except BaseException:
+    if replacing:
+      os.rename(old, path)
+    raise
+  _fsync(parent)
+  if replacing:
+    _delete_old(old, path)
+
+
 def save_state(directory: str | os.PathLike, state: Any, *,
                force: bool = False) -> None:
-  """Saves a pytree of arrays (params, optimiser state, counters) with Orbax.
+  """Saves a pytree (params, optimiser state, counters) with Orbax, atomically.
 
-  Blocks until the checkpoint is complete on disk.
+  Blocks until the checkpoint is complete on disk. The checksums and the
+  AALIG configs (see the module docstring) are computed first, so a leaf that
+  cannot be saved fails before anything is written. Orbax then writes the
+  checkpoint to a sibling ``<directory>.tmp-<random>``, which is renamed to
+  `directory`. When `directory` exists (``force=True``), it is first renamed
+  to ``<directory>.old-<random>`` and deleted only after the new checkpoint is
+  in place; :func:`restore_state` reads the ``.old-`` sibling if a kill falls
+  between the two renames, and the next :func:`save_state` to the same path
+  puts it back (or deletes it) and removes other debris of a killed save. So
+  at every instant either the previous or the new checkpoint restores, and a
+  save that raises leaves the previous one (or nothing) untouched. While it
+  runs, the disk holds both checkpoints.
 
   Args:
-    directory: the checkpoint's directory; must not exist unless `force`.
-    state: any pytree of arrays, e.g. ``{"params": p, "opt_state": s}``.
-    force: overwrite an existing checkpoint.
+    directory: the checkpoint's directory, on a local file system; must not
+      exist unless `force`.
+    state: a pytree whose leaves are arrays (JAX or NumPy, not empty) or
+      Python ``bool``, ``int`` (within int64) or ``float`` scalars, e.g.
+      ``{"params": p, "opt_state": s, "step": 3}``.
+    force: replace an existing checkpoint.
+
+  Raises:
+    ValueError: when `directory` exists and `force` is False.
+    TypeError: naming a leaf that cannot be saved (nothing is written).
+    Exception: whatever Orbax raises for a tree it cannot save (nothing is
+      written).
+
+  Example:
+    >>> import tempfile, os, jax.numpy as jnp
+    >>> from aalig_optax import save_state, restore_state
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> save_state(path, {"w": jnp.ones(2), "step": 3})
+    >>> save_state(path, {"w": jnp.zeros(2), "step": 4}, force=True)
+    >>> restore_state(path, {"w": jnp.ones(2), "step": 0})["step"]
+    4
   """
   ocp = _orbax()
   path = os.path.abspath(os.fspath(directory))
-  checkpointer = ocp.StandardCheckpointer()
+  primary = jax.process_index() == 0
+  text = json.dumps(_manifest(state))
+  if primary:
+    _recover(path)
+  _sync("aalig_save_state_recovered")
+  if os.path.lexists(path) and not force:
+    raise ValueError(
+        f"Destination {path} already exists; pass force=True to replace it.")
+  token = _token()
+  tmp = f"{path}.tmp-{token}"
   try:
-    checkpointer.save(path, state, force=force)
-    checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
-  if jax.process_index() == 0:
-    tmp = os.path.join(path, CHECKSUM_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"leaves": _manifest(state)}, f)
-    os.replace(tmp, os.path.join(path, CHECKSUM_FILE))
+    # Synchronous: an asynchronous checkpointer that fails may still create
+    # its directories after save returns, behind our clean-up.
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+      checkpointer.save(tmp, args=ocp.args.StandardSave(state))
+    finally:
+      checkpointer.close()
+    if primary:
+      if not os.path.isdir(tmp):
+        raise RuntimeError(f"Orbax did not finish writing {tmp}.")
+      manifest = os.path.join(tmp, CHECKSUM_FILE)
+      with open(manifest, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      _fsync(tmp)
+      _commit(tmp, path, token)
+  except BaseException:
+    if primary:  # The previous checkpoint (if any) is still in place.
+      for debris in _siblings(tmp, r"|\.orbax-checkpoint-tmp.*"):
+        shutil.rmtree(debris, ignore_errors=True)
+    raise
+  _sync("aalig_save_state_committed")
 
 
 def restore_state(directory: str | os.PathLike, like: Any, *,
@@ -151,35 +486,67 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
 
   The stored leaves' paths, shapes and dtypes are compared with `like` before
   any array is read, and the restored tree is checked again: nothing is
-  padded, truncated, cast or dropped.
+  padded, truncated, cast or dropped. Each :class:`ScaleByAaligState` in
+  `like` is checked against the config stored for the same path:
+  `num_examples`, `steps_per_epoch`, `epochs_per_section`, `loss_estimate`
+  and `table_dtype` must be equal, and `lower_bound` must not be higher than
+  the stored one (a lower bound is still met by the stored AOVs; a bound
+  injected as a JAX array, on either side, is not compared). A checkpoint
+  that records no config for such a state (written before configs were
+  recorded, or by plain Orbax) is restored with a ``UserWarning``.
+
+  If `directory` is missing because a :func:`save_state` overwriting it was
+  killed between its two renames, the previous checkpoint is read from the
+  ``<directory>.old-*`` sibling.
 
   Args:
     directory: the checkpoint's directory.
     like: the expected pytree, with ``jax.ShapeDtypeStruct`` or array leaves,
-      e.g. ``jax.eval_shape(lambda: {"params": p, "opt_state": opt.init(p)})``.
-      Leaves that carry a ``sharding`` are restored with it, so a checkpoint
-      can be restored onto a different set of devices.
+      e.g. ``jax.eval_shape(lambda: {"params": p, "opt_state": opt.init(p)})``,
+      which keeps each AALIG state's static config. Leaves that carry a
+      ``sharding`` are restored with it, so a checkpoint can be restored onto
+      a different set of devices. Where a Python scalar was saved, `like` may
+      hold a Python scalar of the same type or a shape-() leaf of its kind
+      (what ``jax.eval_shape`` makes of it: int32 for an int, float32 for a
+      float); either way the saved Python scalar comes back, unchanged.
     verify_checksums: compare every restored leaf with the SHA-256 that
-      :func:`save_state` recorded (its file missing is an error); False for
-      checkpoints written by plain Orbax.
+      :func:`save_state` recorded (its checksum file missing or malformed is
+      an error); False for checkpoints written by plain Orbax, whose AALIG
+      schedule then cannot be checked (a ``UserWarning``).
 
   Returns:
-    The restored pytree, with the structure of `like`.
+    The restored pytree, with the structure of `like` (AALIG configs
+    included).
 
   Raises:
     FileNotFoundError: when `directory` does not exist.
-    ValueError: when the checkpoint is incomplete or unreadable, or does not
-      match `like` (the message names each mismatched leaf).
+    ValueError: when the checkpoint is incomplete or corrupt (its checksum
+      file malformed included), or does not match `like`: the message names
+      each mismatched leaf, and each AALIG state saved for another schedule
+      with its differing fields (checkpoint vs expected).
+
+  Example:
+    >>> import tempfile, os, jax, jax.numpy as jnp
+    >>> from aalig_optax import aalig, save_state, restore_state
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    >>> p = jnp.zeros(2)
+    >>> tree = lambda tx: {"params": p, "opt_state": tx.init(p)}
+    >>> save_state(path, tree(aalig(0.1, 8, 4, 1)))
+    >>> like = jax.eval_shape(lambda: tree(aalig(0.1, 8, 2, 1)))
+    >>> try:
+    ...   restore_state(path, like)
+    ... except ValueError as e:
+    ...   print(str(e).split(": ")[-1])
+    steps_per_epoch=4 (checkpoint) vs 2 (expected)
   """
   ocp = _orbax()
-  path = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"No checkpoint directory at {path}.")
+  path = _resolve(os.path.abspath(os.fspath(directory)))
   checkpointer = ocp.StandardCheckpointer()
   try:
     try:
       metadata = checkpointer.metadata(path)
-      stored = _flat(getattr(metadata, "item_metadata", metadata))
+      stored = _specs(getattr(metadata, "item_metadata", metadata),
+                      "checkpoint")
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(
           f"The checkpoint at {path} is incomplete or corrupt: its metadata "
@@ -188,27 +555,48 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
       raise ValueError(
           f"The checkpoint at {path} is incomplete or corrupt: it lists no "
           "arrays.")
-    checksums = None
-    if verify_checksums:
-      try:
-        with open(os.path.join(path, CHECKSUM_FILE)) as f:
-          checksums = json.load(f)["leaves"]
-      except (OSError, ValueError, KeyError, TypeError) as e:
+    checksums, configs, unreadable = None, None, None
+    try:
+      with open(os.path.join(path, CHECKSUM_FILE)) as f:
+        checksums, configs = _parse_manifest(json.load(f))
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+      unreadable = f"{type(e).__name__}: {e}"
+      if verify_checksums:
         raise ValueError(
             f"The checkpoint at {path} is incomplete or corrupt: its "
             f"{CHECKSUM_FILE}, written when save_state finishes, cannot be "
-            f"read ({type(e).__name__}: {e}). Pass verify_checksums=False "
-            "for a checkpoint not written by save_state.") from e
-    abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                  sharding=getattr(x, "sharding", None)),
-        like)
-    problems = _compare(stored, _flat(abstract), "checkpoint")
+            f"read ({unreadable}). Pass verify_checksums=False for a "
+            "checkpoint not written by save_state.") from e
+    if not verify_checksums:
+      checksums = None
+    expected = _specs(like, "expected state")
+
+    def target(key_path, x):
+      got = stored.get(_path_str(key_path))
+      if got is not None and got.python is not None:
+        # Orbax restores a Python scalar into a Python scalar of its type.
+        return _SCALAR_TYPES[got.python]()
+      if type(x) in _PYTHON_SCALARS or isinstance(x, jax.ShapeDtypeStruct):
+        return x
+      return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                  sharding=getattr(x, "sharding", None))
+
+    abstract = jax.tree_util.tree_map_with_path(target, like)
+    problems, unchecked = _schedule_problems(configs, _configs(like))
+    problems += _compare(stored, expected, "checkpoint")
     if problems:
       raise ValueError(
           f"The checkpoint at {path} does not match the expected state:\n  "
           + "\n  ".join(problems))
+    if unchecked:
+      warnings.warn(
+          f"The checkpoint at {path} records no AALIG config for "
+          f"{', '.join(repr(p) for p in unchecked)} (it was written before "
+          "save_state recorded them, or not by save_state"
+          + (f"; {CHECKSUM_FILE}: {unreadable}" if unreadable else "")
+          + "): its schedule cannot be checked against the transform's "
+          "steps_per_epoch, epochs_per_section and lower_bound.",
+          UserWarning, stacklevel=2)
     try:
       restored = checkpointer.restore(path, abstract)
     except Exception as e:  # pylint: disable=broad-except
@@ -220,11 +608,11 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
   validate_state(restored, abstract)
   if checksums is not None:
     damaged = []
-    for p, entry in _manifest(restored).items():
-      stored_sum = checksums.get(p, {}).get("sha256", "missing")
-      if p not in checksums or (
-          entry["sha256"] is not None
-          and stored_sum not in (None, entry["sha256"])):
+    for p, x in _flat(restored).items():
+      entry = checksums.get(p)
+      got = _digest(x, _spec(x))
+      if entry is None or (got is not None
+                           and entry["sha256"] not in (None, got)):
         damaged.append(p)
     if damaged:
       raise ValueError(
@@ -232,3 +620,4 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
           f"{', '.join(repr(p) for p in damaged)} differ from what save_state "
           "wrote (checksum mismatch).")
   return restored
+

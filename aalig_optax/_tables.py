@@ -16,9 +16,16 @@ def record(table, write_idx, values):
   partitions one into a replicated table from a sharded batch as an
   all-reduce-min of the whole table, O(N) per step, which also turns the NaN
   of never-seen examples into inf.)
+
+  On a mesh with Explicit axes (the table's, else the batch's), the batch-sized
+  `write_idx` and `values` are first replicated on that mesh, wherever they
+  were placed (split, replicated, or not placed at all).
   """
   values = values.astype(table.dtype)
-  write_idx, values = _unshard_explicit(write_idx), _unshard_explicit(values)
+  meshes = [_explicit_mesh(a) for a in (table, write_idx, values)]
+  mesh = next((m for m in meshes if m is not None), None)
+  write_idx = _replicate_on(write_idx, mesh)
+  values = _replicate_on(values, mesh)
   idx, values = jax.lax.sort((write_idx, values), num_keys=2)
   rows = jnp.arange(idx.shape[0])
   first = (rows == 0) | (idx != jnp.roll(idx, 1))
@@ -28,18 +35,55 @@ def record(table, write_idx, values):
 
 
 def take(table, idx):
-  """table[idx], placed like `idx` when on a mesh with Explicit axes."""
+  """table[idx], placed like `idx` when on a mesh with Explicit axes.
+
+  When the table is on a mesh with Explicit axes and `idx` is not on that
+  mesh (a batch left unplaced, e.g. numpy or a default-device array), `idx`
+  is first replicated on the table's mesh: the gather then has a definite
+  output sharding (replicated) instead of a `ShardingTypeError`.
+  """
+  mesh = _explicit_mesh(table)
+  if mesh is not None and _mesh_of(idx) != mesh:
+    idx = _replicate_on(idx, mesh)
   return table.at[idx].get(**_explicit_out_sharding(idx))
 
 
-def _unshard_explicit(x):
-  """x replicated (it is batch-sized) when on a mesh with Explicit axes."""
-  kw = _explicit_out_sharding(x)
-  if not kw:
+def _mesh_of(x):
+  """The (abstract) mesh of x's type, or None."""
+  return getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+
+
+def _explicit_mesh(x):
+  """The mesh of x's type if it has an Explicit axis, else None."""
+  mesh = _mesh_of(x)
+  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+  if explicit is None or explicit not in getattr(mesh, "axis_types", ()):
+    return None
+  return mesh
+
+
+def _replicate_on(x, mesh):
+  """x (batch-sized) replicated on `mesh`; x unchanged when mesh is None."""
+  if mesh is None:
     return x
-  replicated = jax.sharding.NamedSharding(kw["out_sharding"].mesh,
-                                          jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  own = _mesh_of(x)
+  if own is not None and not getattr(own, "empty", False) and own != mesh:
+    raise ValueError(
+        f"AALIG's tables are on the mesh {_describe(mesh)} but a batch array "
+        f"({jax.typeof(x).str_short()}) is on another mesh, {_describe(own)}."
+        " Place the batch (losses, indices, mask and the inputs they come "
+        "from) on the tables' mesh, the `mesh` given to state_shardings: "
+        "split over its batch axis, e.g. jax.device_put(batch, "
+        "NamedSharding(mesh, P('data'))), or replicated, "
+        "jax.device_put(batch, NamedSharding(mesh, P())); or leave it "
+        "unplaced (numpy), and AALIG replicates it on the tables' mesh.")
   return jax.sharding.reshard(x, replicated)
+
+
+def _describe(mesh):
+  return (f"(axes {tuple(mesh.axis_names)}, shape "
+          f"{tuple(mesh.axis_sizes)}, types {tuple(mesh.axis_types)})")
 
 
 def _explicit_out_sharding(x):
@@ -49,12 +93,9 @@ def _explicit_out_sharding(x):
   scatters whose operand and indices are sharded for their output sharding;
   elsewhere nothing is passed and the program is unchanged.
   """
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-  if explicit is None or explicit not in getattr(mesh, "axis_types", ()):
+  if _explicit_mesh(x) is None:
     return {}
-  return {"out_sharding": sharding}
+  return {"out_sharding": jax.typeof(x).sharding}
 
 
 def gather(x, axis_name):

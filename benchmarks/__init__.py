@@ -1,4 +1,4 @@
-"""Benchmarks of aalig-optax: step overhead and optimisation quality (issue 5).
+"""Benchmarks of aalig-optax: step overhead and optimisation quality.
 
 Run ``python -m benchmarks.run --help`` from the project root.
 """

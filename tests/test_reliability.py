@@ -1,4 +1,4 @@
-"""Reliability of AALIG under bad input, faults and long runs (issue 6).
+"""Reliability of AALIG under bad input, faults and long runs.
 
 - A property-based fuzz of one `update` (eager and jitted) against a small
   NumPy reading of SPEC.md written here, independent of the package.

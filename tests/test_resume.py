@@ -1,4 +1,4 @@
-"""Exact resume from Orbax checkpoints, and clear errors for bad ones (issue 6).
+"""Exact resume from Orbax checkpoints, and clear errors for bad ones.
 
 A checkpoint taken mid-section and mid-epoch is restored in a fresh Python
 process (tests/_resume_worker.py), which continues through the next section

@@ -215,10 +215,11 @@ def scale_by_aalig(
     safe_idx = jnp.where(in_range, indices, 0).astype(jnp.int32)
 
     # Injected (traced) hyperparameters are clipped into their valid range.
-    max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf, 0.0)
+    max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
+                                           0.0)
     eps_, bad_eps = _checks.clip_injected(eps, 0.0, _F32_MAX, _F32_MAX)
-    bound, bad_bound = _checks.clip_injected(lower_bound, -table_max, table_max,
-                                      -table_max)
+    bound, bad_bound = _checks.clip_injected(lower_bound, -table_max,
+                                             table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound
 
     aov_b = _tables.take(state.aov, safe_idx).astype(jnp.float32)
@@ -234,8 +235,8 @@ def scale_by_aalig(
         optax.tree.sum(optax.tree.scale(0.0, grads32)))
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
     skip = ~(jnp.isfinite(gap) & grads_finite)
-    coef, scale, step_size = _alig.step_coefficients(gap, grads32, sq_norm,
-                                                max_lr, eps_)
+    coef, scale, step_size = _alig.step_coefficients(
+        gap, grads32, sq_norm, max_lr, eps_)
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
         updates)

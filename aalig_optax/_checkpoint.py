@@ -330,15 +330,17 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
       got = stored.get(_manifest.path_str(key_path))
       if got is not None and got.python is not None:
         # Orbax restores a Python scalar into a Python scalar of its type.
-        return _manifest.manifest.SCALAR_TYPES[got.python]()
-      if type(x) in _manifest.manifest.PYTHON_SCALARS or isinstance(x, jax.ShapeDtypeStruct):
+        return _manifest.SCALAR_TYPES[got.python]()
+      if (type(x) in _manifest.PYTHON_SCALARS
+          or isinstance(x, jax.ShapeDtypeStruct)):
         return x
       return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                   sharding=getattr(x, "sharding", None))
 
     abstract = jax.tree_util.tree_map_with_path(target, like)
-    problems, unchecked = _manifest.schedule_problems(configs, _manifest.manifest.configs(like))
-    problems += _manifest.manifest.compare(stored, expected, "checkpoint")
+    problems, unchecked = _manifest.schedule_problems(
+        configs, _manifest.configs(like))
+    problems += _manifest.compare(stored, expected, "checkpoint")
     if problems:
       raise ValueError(
           f"The checkpoint at {path} does not match the expected state:\n  "
@@ -363,9 +365,9 @@ def restore_state(directory: str | os.PathLike, like: Any, *,
   validate_state(restored, abstract)
   if checksums is not None:
     damaged = []
-    for p, x in _manifest.manifest.flat(restored).items():
+    for p, x in _manifest.flat(restored).items():
       entry = checksums.get(p)
-      got = _manifest.manifest.digest(x, _manifest.spec(x))
+      got = _manifest.digest(x, _manifest.spec(x))
       if entry is None or (got is not None
                            and entry["sha256"] not in (None, got)):
         damaged.append(p)

@@ -32,10 +32,11 @@ pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
 from examples.common import download  # noqa: E402
-from examples.common import train as train_lib  # noqa: E402
+from examples.common import loop  # noqa: E402
+from examples.common import optimizers  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
-    "error::examples.common.train.RecompileWarning")
+    "error::examples.common.loop.RecompileWarning")
 
 ALL_EXAMPLES = ("matrix_factorisation", "rbf_kernel", "image_classification",
                 "char_rnn", "linen_mlp")
@@ -164,15 +165,16 @@ def test_fit_refuses_to_replace_checkpoints_unless_overwrite(tmp_path):
     return new, dict(loss=jnp.sum(new["w"]), step_size=jnp.float32(0.1),
                      count=jnp.sum(mask, dtype=jnp.float32))
 
-  kw = dict(num_examples=8, batch_size=4, num_epochs=1, seed=0,
-            workdir=tmp_path, verbose=False)
+  ctx = optimizers.RunContext.create(8, 4, 1)
+  run = loop.Run(tmp_path, seed=0, verbose=False)
   data = {"x": jnp.ones((8, 2))}
-  train_lib.fit({"w": jnp.zeros(2)}, step, data, **kw)
+  loop.fit({"w": jnp.zeros(2)}, step, data, ctx, run)
   before = _snapshot(tmp_path)
   with pytest.raises(FileExistsError, match="--overwrite"):
-    train_lib.fit({"w": jnp.zeros(2)}, step, data, **kw)
+    loop.fit({"w": jnp.zeros(2)}, step, data, ctx, run)
   assert _snapshot(tmp_path) == before
-  train_lib.fit({"w": jnp.zeros(2)}, step, data, overwrite=True, **kw)
+  loop.fit({"w": jnp.zeros(2)}, step, data, ctx,
+           loop.Run(tmp_path, seed=0, overwrite=True, verbose=False))
 
 
 # --------------------------------------------------------------------------

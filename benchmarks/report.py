@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from examples.common import report as report_lib  # pylint: disable=g-import-not-at-top
 
 OVERHEAD_PNG = "overhead.png"
 CURVES_PNG = "quality_curves.png"
@@ -433,4 +433,4 @@ def write(results: dict, out: pathlib.Path) -> None:
             "- `scaling.json`, `scaling.md` (if present) come from "
             "`benchmarks/scaling.py`, not from this runner.",
             ""]
-  (out / "README.md").write_text("\n".join(lines))
+  report_lib.write_files(out, {"README.md": "\n".join(lines)})

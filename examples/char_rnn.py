@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import pathlib
@@ -94,8 +93,8 @@ def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, presets=PRESETS, workdir="runs/char_rnn")
+  parser = cli.parser_with_common_args(
+      __doc__, presets=PRESETS, workdir="runs/char_rnn")
   parser.add_argument("--dataset", default="tolstoi",
                       choices=("tolstoi", "tiny_shakespeare"))
   parser.add_argument("--data-dir", default=None,
@@ -121,20 +120,16 @@ def main(argv=None):
         f"sequences of {args.seq_len} characters, vocab {d.num_classes}")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  with cli.clear_errors():
-    rows, histories = loop.compare_classifiers(
-        functools.partial(loop.train_supervised, problem), d.num_train,
-        configs, args, args.dataset,
-        val_label="test accuracy (per character)",
-        title=f"2-layer LSTM on {args.dataset}")
-  table = report.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc",
-             "best_test_acc", "seconds"])
-  print(f"\nChar-RNN on {args.dataset}, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (args.dataset + '.png')}")
-  report.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(loop.train_supervised, problem), d.num_train,
+      configs, args, args.dataset,
+      val_label="test accuracy (per character)",
+      title=f"2-layer LSTM on {args.dataset}")
+  report.summarise(
+      workdir, f"Char-RNN on {args.dataset}, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc", "best_test_acc",
+       "seconds"], histories, f"Plot: {workdir / (args.dataset + '.png')}")
   return rows
 
 

@@ -36,8 +36,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import pathlib
 import time
@@ -54,25 +52,12 @@ from examples.common import optimizers
 from examples.common import problems
 from examples.common import report
 
-# The paper: maximal step size 0.1 for AALIG (its Figure 4); SGD 0.1 with the
-# step schedule; Adam's default 1e-3.
-DEFAULT_LRS = {"aalig": 0.1, "alig": 0.1, "sps": 0.1, "adam": 1e-3,
-               "sgd": 0.1}
+DEFAULT_LRS = problems.DEEP_LRS
 
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  epochs: int = 3
-  batch_size: int = 128
-  optimisers: str = "aalig,sgd,adam"
-  max_train: int = 6000  # Train on the first N images (0: all).
-  max_test: int = 2000  # Evaluate on the first N test images (0: all).
-
-
-CPU = Preset()
-# The paper's settings: full data, 200 epochs, all optimisers.
-PAPER = Preset(epochs=200, optimisers=",".join(optimizers.OPTIMISERS),
-               max_train=0, max_test=0)
+# 6,000 Fashion-MNIST images, 3 epochs; the paper: all the data, 200 epochs.
+CPU = cli.ImagePreset(epochs=3, optimisers="aalig,sgd,adam", max_train=6000,
+                      max_test=2000)
+PAPER = cli.ImagePreset(epochs=200, optimisers=",".join(optimizers.OPTIMISERS))
 PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
@@ -121,9 +106,8 @@ def make_problem(data: data_lib.ArrayDataset, augment: bool,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, presets=PRESETS,
-                      workdir="runs/image_classification")
+  parser = cli.parser_with_common_args(
+      __doc__, presets=PRESETS, workdir="runs/image_classification")
   cli.add_image_args(parser, PRESETS)
   parser.add_argument("--augment", action="store_true",
                       help="random crops and flips")
@@ -146,21 +130,17 @@ def main(argv=None):
         f"ResNet8 with {num_params} parameters")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  with cli.clear_errors():
-    rows, histories = loop.compare_classifiers(
-        functools.partial(loop.train_supervised, problem), data.num_train,
-        configs, args, data.name,
-        val_label="test accuracy",
-        title=f"ResNet8 on {data.name}")
-  table = report.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc",
-             "best_test_acc", "seconds"])
-  print(f"\nResNet8 on {data.name}, {args.epochs} epochs, batch "
-        f"{args.batch_size}, augment={args.augment}, "
-        f"{time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (data.name + '.png')}")
-  report.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(loop.train_supervised, problem), data.num_train,
+      configs, args, data.name,
+      val_label="test accuracy",
+      title=f"ResNet8 on {data.name}")
+  report.summarise(
+      workdir, f"ResNet8 on {data.name}, {args.epochs} epochs, batch "
+      f"{args.batch_size}, augment={args.augment}, "
+      f"{time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc", "best_test_acc",
+       "seconds"], histories, f"Plot: {workdir / (data.name + '.png')}")
   return rows
 
 

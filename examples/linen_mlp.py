@@ -34,8 +34,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 import pathlib
 import time
@@ -56,20 +54,9 @@ from examples.common import optimizers
 from examples.common import problems
 from examples.common import report
 
-DEFAULT_LRS = {"aalig": 0.1, "alig": 0.1, "sps": 0.1, "adam": 1e-3,
-               "sgd": 0.1}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  epochs: int = 10
-  batch_size: int = 128
-  optimisers: str = "aalig,alig,adam"
-  max_train: int = 0  # 0: all.
-  max_test: int = 0  # 0: all.
-
-
-PRESETS = {"CPU": Preset()}
+DEFAULT_LRS = problems.DEEP_LRS
+# All 60,000 images, 10 epochs.
+PRESETS = {"CPU": cli.ImagePreset(epochs=10, optimisers="aalig,alig,adam")}
 
 
 class TrainState(train_state.TrainState):
@@ -161,8 +148,8 @@ def train(data: data_lib.ArrayDataset, cfg: optimizers.OptConfig,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, presets=PRESETS, workdir="runs/linen_mlp")
+  parser = cli.parser_with_common_args(
+      __doc__, presets=PRESETS, workdir="runs/linen_mlp")
   cli.add_image_args(parser, PRESETS)
   parser.add_argument("--momentum", type=float, default=0.9)
   args = cli.parse(parser, argv, PRESETS)
@@ -173,18 +160,15 @@ def main(argv=None):
                                   adam=dict(momentum=0.0))
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  with cli.clear_errors():
-    rows, histories = loop.compare_classifiers(
-        functools.partial(train, data), data.num_train, configs, args,
-        data.name, val_label="test accuracy",
-        title=f"linen MLP on {data.name}")
-  table = report.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc"])
-  print(f"\nLinen MLP on {data.name} ({data.num_train} train), "
-        f"{args.epochs} epochs, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (data.name + '.png')}")
-  report.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(train, data), data.num_train, configs, args,
+      data.name, val_label="test accuracy",
+      title=f"linen MLP on {data.name}")
+  report.summarise(
+      workdir, f"Linen MLP on {data.name} ({data.num_train} train), "
+      f"{args.epochs} epochs, {time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc"], histories,
+      f"Plot: {workdir / (data.name + '.png')}")
   return rows
 
 

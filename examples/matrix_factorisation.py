@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import time
@@ -96,9 +95,9 @@ def make_problem(rank, seed: int) -> problems.Problem:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, presets=PRESETS,
-                      workdir="runs/matrix_factorisation", quiet=True)
+  parser = cli.parser_with_common_args(
+      __doc__, presets=PRESETS, workdir="runs/matrix_factorisation",
+      quiet=True)
   parser.add_argument("--problems", default=",".join(PROBLEMS),
                       help=f"comma-separated, from {list(PROBLEMS)}")
   parser.add_argument("--momentum", type=float, default=0.0,
@@ -148,16 +147,13 @@ def main(argv=None):
                     val_label="test loss",
                     title=f"Matrix factorisation, {pname}")
   _figure2(histories, args, workdir / "figure2.png")
-  table = report.format_table(
-      rows, ["problem", "optimiser", "loss_floor", "train_loss",
-             "best_train_loss",
-             "test_loss", "mean_step_size"])
-  print(f"\nMatrix factorisation, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {args.seeds} seed(s), "
-        f"{time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlots: {workdir / 'figure2.png'} and {workdir}/<problem>.png")
-  report.write_summary(workdir, table, histories, {"rows": rows})
+  report.summarise(
+      workdir, f"Matrix factorisation, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {args.seeds} seed(s), "
+      f"{time.time() - t_start:.0f} s", rows,
+      ["problem", "optimiser", "loss_floor", "train_loss", "best_train_loss",
+       "test_loss", "mean_step_size"], histories,
+      f"Plots: {workdir / 'figure2.png'} and {workdir}/<problem>.png")
   return rows
 
 

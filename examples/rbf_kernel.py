@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import time
@@ -106,8 +105,8 @@ def make_problem(name: str, num_centres=None, max_val=None, seed: int = 0,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, presets=PRESETS, workdir="runs/rbf_kernel")
+  parser = cli.parser_with_common_args(
+      __doc__, presets=PRESETS, workdir="runs/rbf_kernel")
   parser.add_argument("--datasets", default="mushrooms,ijcnn1")
   cli.preset_arg(parser, "--num-centres", PRESETS, type=int,
                  help="kernel centres (random training points); 0: all "
@@ -153,14 +152,11 @@ def main(argv=None):
                     train_key="train_loss", val_key="val_acc",
                     val_label="validation accuracy",
                     title=f"RBF kernel logistic regression, {name}")
-  table = report.format_table(
-      rows, ["dataset", "optimiser", "train_loss", "train_acc", "val_loss",
-             "val_acc", "best_val_acc"])
-  print(f"\nRBF kernel classification, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlots: {workdir}/<dataset>.png")
-  report.write_summary(workdir, table, histories, {"rows": rows})
+  report.summarise(
+      workdir, f"RBF kernel classification, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {time.time() - t_start:.0f} s", rows,
+      ["dataset", "optimiser", "train_loss", "train_acc", "val_loss",
+       "val_acc", "best_val_acc"], histories, f"Plots: {workdir}/<dataset>.png")
   return rows
 
 

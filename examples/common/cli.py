@@ -23,10 +23,20 @@ def preset_arg(parser: argparse.ArgumentParser, flag: str,
   it wins over both.
   """
   dest = flag.lstrip("-").replace("-", "_")
-  shown = ", ".join(f"{name} {getattr(p, dest)!r}"
-                    for name, p in presets.items())
+  values = {name: getattr(p, dest) for name, p in presets.items()}
+  shown = ", ".join(f"{name} {v!r}" for name, v in values.items()
+                    if name == "CPU" or v != values["CPU"])
   parser.add_argument(flag, default=argparse.SUPPRESS,
                       help=f"{help} (default: {shown})".lstrip(), **kwargs)
+
+
+def parser_with_common_args(doc: str, *, presets: Mapping[str, Any],
+                            workdir: str, quiet: bool = False
+                            ) -> argparse.ArgumentParser:
+  """An example's parser (described by its docstring's first line)."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  add_common_args(parser, presets=presets, workdir=workdir, quiet=quiet)
+  return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser, *,
@@ -79,6 +89,16 @@ def parse(parser: argparse.ArgumentParser, argv, presets: Mapping[str, Any]
     if not hasattr(args, field.name):
       setattr(args, field.name, getattr(preset, field.name))
   return args
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreset:
+  """The presets of the image examples (see :func:`add_image_args`)."""
+  epochs: int
+  optimisers: str
+  batch_size: int = 128
+  max_train: int = 0  # Train on the first N images (0: all).
+  max_test: int = 0  # Evaluate on the first N test images (0: all).
 
 
 def add_image_args(parser: argparse.ArgumentParser,

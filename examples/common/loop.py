@@ -316,15 +316,17 @@ def compare_classifiers(train_one: Callable, num_examples: int,
   Returns:
     (rows, histories): one row per optimiser (final train/test loss, test
     accuracy, best test accuracy, seconds) and each run's per-epoch history.
-    The plot is written to ``workdir/<name>.png``.
+    The plot is written to ``workdir/<name>.png``. Missing data and an
+    existing run end the script with their one-line message.
   """
   workdir = pathlib.Path(args.workdir)
   ctx = cli.run_context(args, num_examples)
   rows, histories = [], {}
   for cfg in configs:
     t0 = time.time()
-    _, hist = train_one(cfg, ctx,
-                        cli.run_of(args, workdir / f"{name}_{cfg.name}"))
+    with cli.clear_errors():
+      _, hist = train_one(cfg, ctx,
+                          cli.run_of(args, workdir / f"{name}_{cfg.name}"))
     histories[cfg.label] = hist
     last = hist[-1]
     rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],

@@ -25,7 +25,7 @@ from flax import nnx
 
 from examples.common import data as data_lib
 
-__all__ = ["Problem", "RBF_SIGMAS", "accuracy", "binary_accuracy",
+__all__ = ["DEEP_LRS", "Problem", "RBF_SIGMAS", "accuracy", "binary_accuracy",
            "channel_stats", "cross_entropy", "logistic_loss", "rbf_centres",
            "sequence_accuracy", "sequence_loss", "squared_error"]
 
@@ -68,6 +68,11 @@ def sequence_accuracy(logits, targets):
 
 # --------------------------------------------------------------------------
 # Shared settings of the paper's problems.
+
+# The paper's step sizes for the deep-learning problems: maximal step size
+# 0.1 for AALIG (its Figure 4), ALI-G and SPS; SGD 0.1 with the step
+# schedule; Adam's default 1e-3.
+DEEP_LRS = {"aalig": 0.1, "alig": 0.1, "sps": 0.1, "adam": 1e-3, "sgd": 0.1}
 
 # RBF kernel widths (Vaswani et al. 2019; the AALIG paper Sec. 5.1).
 RBF_SIGMAS = {"mushrooms": 0.5, "ijcnn1": 0.05}

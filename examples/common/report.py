@@ -18,7 +18,8 @@ import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
-__all__ = ["environment", "format_table", "write_files", "write_summary"]
+__all__ = ["environment", "format_table", "summarise", "write_files",
+           "write_summary"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,16 @@ def write_summary(workdir, table: str, histories, extra: dict = None) -> None:
   payload = {"histories": histories}
   payload.update(extra or {})
   write_files(workdir, {"results.md": table + "\n", "results.json": payload})
+
+
+def summarise(workdir, heading: str, rows: Sequence[Mapping[str, Any]],
+              columns: Sequence[str], histories, plots: str) -> None:
+  """Prints an example's closing table and writes it with its histories."""
+  table = format_table(rows, columns)
+  print(f"\n{heading}\n")
+  print(table)
+  print(f"\n{plots}")
+  write_summary(workdir, table, histories, {"rows": rows})
 
 
 def format_table(rows: Sequence[Mapping[str, Any]],

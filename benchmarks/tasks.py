@@ -14,10 +14,12 @@ from typing import Callable, Optional
 import numpy as np
 from flax import nnx
 
-from benchmarks._sources import data_lib
-from benchmarks._sources import models_lib
+from examples.common import data as data_lib
+from examples.common import images
+from examples.common import models as models_lib
 from examples.common import optimizers
 from examples.common import problems
+from examples.common import text as text_lib
 
 QUALITY_OPTS = ("aalig", "alig", "sps", "adam", "sgd_step", "prodigy", "dog",
                 "dadapt")
@@ -154,7 +156,7 @@ def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
                 ) -> Task:
   if scale == "cpu":
     dataset = dataset or "fashion_mnist"
-    raw = data_lib.load_image_dataset(dataset)
+    raw = images.load_image_dataset(dataset)
     n_train, n_val, n_test, epochs, batch = 1024, 1000, 1000, 10, 128
     rng = np.random.default_rng(0)
     perm = rng.permutation(raw.num_train)
@@ -166,7 +168,7 @@ def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
     wds = (0.0, 1e-4)
   else:
     dataset = dataset or "cifar100"
-    raw = data_lib.load_image_dataset(dataset, download=True)
+    raw = images.load_image_dataset(dataset, download=True)
     tr_all, va_all = np.arange(raw.num_train), None
     rng = np.random.default_rng(0)
     perm = rng.permutation(raw.num_train)
@@ -206,10 +208,10 @@ def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
 def char_rnn_task(scale: str, seeds: int) -> Task:
   seq_len, batch = 50, 50
   if scale == "cpu":
-    text = data_lib.load_text("tolstoi", max_chars=150_000)
+    text = text_lib.load_text("tolstoi", max_chars=150_000)
     epochs = 4
   else:
-    text = data_lib.load_text("tolstoi")
+    text = text_lib.load_text("tolstoi")
     epochs = 150
   seqs = text.sequences("train", seq_len)
   perm = np.random.default_rng(0).permutation(len(seqs))

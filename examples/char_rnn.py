@@ -38,6 +38,7 @@ from examples.common import models
 from examples.common import optimizers
 from examples.common import problems
 from examples.common import report
+from examples.common import text as text_lib
 
 # Powers of ten; AALIG's maximal step size is large because the Polyak step
 # clips it early in training and shrinks itself near the AOVs.
@@ -78,7 +79,7 @@ def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
   Returns:
     A :class:`~examples.common.problems.Problem` over sequences.
   """
-  text = data_lib.load_text(name, data_dir=data_dir, max_chars=max_chars)
+  text = text_lib.load_text(name, data_dir=data_dir, max_chars=max_chars)
   tr = text.sequences("train", seq_len)
   te = text.sequences("test", seq_len)[:max_test_seqs]
   data = data_lib.ArrayDataset(tr[:, :-1], tr[:, 1:], te[:, :-1], te[:, 1:],

@@ -18,7 +18,7 @@ fix is a small subclass that forwards keyword arguments::
 
 (Calling ``state.tx.update(...)`` directly in the step is the other option.)
 This example trains a linen MLP on Fashion-MNIST (its IDX files, see
-``examples.common.data.load_fashion_mnist``; ``--tfds`` for TFDS's copy)
+``examples.common.images.load_fashion_mnist``; ``--tfds`` for TFDS's copy)
 with AALIG, ALI-G and Adam, through the same jitted, donated, checkpointed
 loop as the NNX examples.
 

@@ -23,6 +23,7 @@ pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
+from examples.common import images  # noqa: E402
 from examples.common import loop  # noqa: E402
 from examples.common import models  # noqa: E402
 from examples.common import optimizers  # noqa: E402
@@ -82,7 +83,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
   for split in ("train", "t10k"):
     write(f"{split}-images-idx3-ubyte.gz", imgs)
     write(f"{split}-labels-idx1-ubyte.gz", labels)
-  d = data_lib.load_fashion_mnist(tmp_path)
+  d = images.load_fashion_mnist(tmp_path)
   assert d.x_train.shape == (7, 28, 28, 1)
   np.testing.assert_array_equal(d.x_train[..., 0], imgs)
   np.testing.assert_array_equal(d.y_test, labels)
@@ -234,7 +235,7 @@ def test_char_rnn_example(tmp_path):
 def test_tfds_pipeline_indices_unique_and_stable():
   tfds = _tfds()
   with tfds.testing.mock_data(num_examples=50):
-    d = data_lib.load_tfds_images("cifar10")
+    d = images.load_tfds_images("cifar10")
     source = tfds.data_source("cifar10", split="train")
     assert d.num_train == len(source) == 50
     # Position i of the arrays is record i of the TFDS split.

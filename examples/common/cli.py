@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 from examples.common import checkpoint
 from examples.common import download
+from examples.common import images
 from examples.common import optimizers
 
 
@@ -119,13 +120,12 @@ def add_image_args(parser: argparse.ArgumentParser,
 
 def load_images(args):
   """The image data set of :func:`add_image_args`' flags."""
-  from examples.common import data as data_lib  # pylint: disable=g-import-not-at-top
   kwargs = dict(max_train=args.max_train or None,
                 max_test=args.max_test or None)
   if args.download:
     kwargs["download"] = True
   with clear_errors():
-    return data_lib.load_image_dataset(
+    return images.load_image_dataset(
         args.dataset, source="tfds" if args.tfds else "auto", **kwargs)
 
 

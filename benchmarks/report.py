@@ -14,10 +14,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from benchmarks import report_quality  # pylint: disable=g-import-not-at-top
-from benchmarks.report_quality import CURVES_PNG  # pylint: disable=g-import-not-at-top
-from benchmarks.report_quality import SENS_PNG  # pylint: disable=g-import-not-at-top
-from examples.common import report as report_lib  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from benchmarks import report_quality
+from benchmarks.report_quality import CURVES_PNG
+from benchmarks.report_quality import SENS_PNG
+from examples.common import report as report_lib
 
 OVERHEAD_PNG = "overhead.png"
 TARGET_RATIO = 1.03

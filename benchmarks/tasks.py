@@ -94,7 +94,8 @@ def matrix_factorisation_task(rank: int, scale: str, seeds: int) -> Task:
       interpolating=rank >= 6,
       make_model=lambda seed: models_lib.LinearFactorisation(
           6, 10, rank, rngs=nnx.Rngs(seed)),
-      per_example_loss=problems.squared_error, per_example_metric=problems.squared_error, metric="mse",
+      per_example_loss=problems.squared_error,
+      per_example_metric=problems.squared_error, metric="mse",
       higher_is_better=False, data=data, batch_size=100,
       epochs=50 if scale == "cpu" else 50,
       grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
@@ -132,7 +133,8 @@ def rbf_task(name: str, scale: str, seeds: int) -> Task:
       interpolating=name == "mushrooms",
       make_model=lambda seed: models_lib.LinearModel(len(centres),
                                                      rngs=nnx.Rngs(seed)),
-      per_example_loss=problems.logistic_loss, per_example_metric=problems.binary_accuracy,
+      per_example_loss=problems.logistic_loss,
+      per_example_metric=problems.binary_accuracy,
       metric="accuracy", higher_is_better=True, data=data, batch_size=100,
       epochs=epochs, grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
       notes=(f"logistic regression on RBF features (sigma {sigma}) against "

@@ -94,8 +94,7 @@ def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
 
 
 def main(argv=None):
-  parser = cli.parser_with_common_args(
-      __doc__, presets=PRESETS, workdir="runs/char_rnn")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/char_rnn")
   parser.add_argument("--dataset", default="tolstoi",
                       choices=("tolstoi", "tiny_shakespeare"))
   parser.add_argument("--data-dir", default=None,

@@ -106,7 +106,7 @@ def make_problem(data: data_lib.ArrayDataset, augment: bool,
 
 
 def main(argv=None):
-  parser = cli.parser_with_common_args(
+  parser = cli.make_parser(
       __doc__, presets=PRESETS, workdir="runs/image_classification")
   cli.add_image_args(parser, PRESETS)
   parser.add_argument("--augment", action="store_true",

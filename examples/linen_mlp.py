@@ -148,8 +148,7 @@ def train(data: data_lib.ArrayDataset, cfg: optimizers.OptConfig,
 
 
 def main(argv=None):
-  parser = cli.parser_with_common_args(
-      __doc__, presets=PRESETS, workdir="runs/linen_mlp")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/linen_mlp")
   cli.add_image_args(parser, PRESETS)
   parser.add_argument("--momentum", type=float, default=0.9)
   args = cli.parse(parser, argv, PRESETS)

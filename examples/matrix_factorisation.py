@@ -95,7 +95,7 @@ def make_problem(rank, seed: int) -> problems.Problem:
 
 
 def main(argv=None):
-  parser = cli.parser_with_common_args(
+  parser = cli.make_parser(
       __doc__, presets=PRESETS, workdir="runs/matrix_factorisation",
       quiet=True)
   parser.add_argument("--problems", default=",".join(PROBLEMS),

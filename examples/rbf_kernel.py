@@ -105,8 +105,7 @@ def make_problem(name: str, num_centres=None, max_val=None, seed: int = 0,
 
 
 def main(argv=None):
-  parser = cli.parser_with_common_args(
-      __doc__, presets=PRESETS, workdir="runs/rbf_kernel")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/rbf_kernel")
   parser.add_argument("--datasets", default="mushrooms,ijcnn1")
   cli.preset_arg(parser, "--num-centres", PRESETS, type=int,
                  help="kernel centres (random training points); 0: all "

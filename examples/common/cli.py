@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import pathlib
 import dataclasses
+import pathlib
 from typing import Any, Mapping, Optional
 
 from examples.common import checkpoint
@@ -15,8 +15,8 @@ from examples.common import optimizers
 
 
 def preset_arg(parser: argparse.ArgumentParser, flag: str,
-               presets: Mapping[str, Any], help: str = "",  # pylint: disable=redefined-builtin
-               **kwargs) -> None:
+               presets: Mapping[str, Any], help: str = "", **kwargs
+               ) -> None:  # pylint: disable=redefined-builtin
   """A flag whose default is its field in the chosen preset.
 
   Left out on the command line, the flag takes its value from the preset
@@ -31,24 +31,19 @@ def preset_arg(parser: argparse.ArgumentParser, flag: str,
                       help=f"{help} (default: {shown})".lstrip(), **kwargs)
 
 
-def parser_with_common_args(doc: str, *, presets: Mapping[str, Any],
-                            workdir: str, quiet: bool = False
-                            ) -> argparse.ArgumentParser:
-  """An example's parser (described by its docstring's first line)."""
-  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-  add_common_args(parser, presets=presets, workdir=workdir, quiet=quiet)
-  return parser
+def make_parser(doc: str, *, presets: Mapping[str, Any], workdir: str,
+                quiet: bool = False) -> argparse.ArgumentParser:
+  """An example's parser with the flags every example has.
 
-
-def add_common_args(parser: argparse.ArgumentParser, *,
-                    presets: Mapping[str, Any], workdir: str,
-                    quiet: bool = False) -> None:
-  """Adds the flags every example has; `quiet` is the default of --quiet.
-
-  `presets` maps ``"CPU"`` (and ``"PAPER"``, which adds ``--paper``) to
-  frozen dataclasses with at least ``epochs``, ``batch_size`` and
-  ``optimisers`` fields: the defaults of those flags.
+  Args:
+    doc: the script's docstring (its first line describes the script).
+    presets: ``"CPU"`` (and ``"PAPER"``, which adds ``--paper``) to frozen
+      dataclasses with at least ``epochs``, ``batch_size`` and
+      ``optimisers`` fields: the defaults of those flags (see :func:`parse`).
+    workdir: the default of --workdir.
+    quiet: the default of --quiet.
   """
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   preset_arg(parser, "--epochs", presets, type=int)
   preset_arg(parser, "--batch-size", presets, type=int)
   preset_arg(parser, "--optimisers", presets,
@@ -79,6 +74,7 @@ def add_common_args(parser: argparse.ArgumentParser, *,
   parser.add_argument("--verbose", dest="quiet", action="store_false",
                       help="one line of metrics per epoch" + (
                           "" if quiet else " (default)"))
+  return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv, presets: Mapping[str, Any]
@@ -161,8 +157,8 @@ def clear_errors():
   """Turns missing data and existing runs into one-line exits.
 
   Inside this block a :class:`~examples.common.download.DataUnavailableError`
-  or :class:`~examples.common.checkpoint.RunExistsError` ends the script with its
-  message alone: it already says what to do, a traceback would bury it.
+  or :class:`~examples.common.checkpoint.RunExistsError` ends the script with
+  its message alone: it already says what to do, a traceback would bury it.
   """
   try:
     yield

@@ -1,4 +1,4 @@
-"""The one optimiser registry of the examples and benchmarks, and the run context.
+"""The one optimiser registry of the examples and benchmarks; the run context.
 
 A run's shape (N, batch size, steps per epoch, epochs, AALIG's epochs per
 section) is computed once, by :meth:`RunContext.create`, and that one object
@@ -33,6 +33,7 @@ import optax
 import optax.contrib
 
 import aalig_optax
+from examples.common import data as data_lib
 
 __all__ = ["OPTIMISERS", "OptConfig", "OptSpec", "RunContext", "SPECS",
            "aalig_state", "build", "learning_rate", "logged_step_size",
@@ -81,7 +82,7 @@ class RunContext:
     if drop_remainder:
       spe = num_examples // batch_size
     else:
-      spe = -(-num_examples // batch_size)
+      spe = data_lib.steps_per_epoch(num_examples, batch_size)
     if max_steps_per_epoch:
       spe = min(spe, max_steps_per_epoch)
     return cls(num_examples, batch_size, spe, epochs,

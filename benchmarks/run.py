@@ -49,10 +49,10 @@ def overhead_config(scale: str, tiny: bool) -> dict:
 
 
 def quality_config(args) -> dict:
-  tasks = (args.tasks.split(",") if args.tasks else list(tasks.TASK_NAMES))
+  names = (args.tasks.split(",") if args.tasks else list(tasks.TASK_NAMES))
   opts = (args.optimizers.split(",") if args.optimizers
           else list(tasks.QUALITY_OPTS))
-  return dict(tasks=tasks, optimizers=opts, scale=args.scale,
+  return dict(tasks=names, optimizers=opts, scale=args.scale,
               seeds=args.seeds, heavy_seeds=args.heavy_seeds, tiny=args.tiny)
 
 

@@ -1,18 +1,18 @@
-"""Models and data of the benchmarks: the examples' shared code.
+"""The models of the step-overhead benchmark, from the examples' harness.
 
-``examples/common`` (models.py, data.py) is the project's one definition of
-the paper's models and data sets; the benchmarks import it and add only what
-a vmapped, CPU-sized benchmark needs (validation splits, subsets).
+``examples/common`` (models, data, problems, optimisers) is the project's
+one definition of the paper's models and data sets; the benchmarks import it
+and add only what a vmapped, CPU-sized benchmark needs (validation splits,
+subsets: see tasks.py).
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from examples.common import data as data_lib
 from examples.common import models as models_lib
 
-__all__ = ["data_lib", "models_lib", "make_model", "model_source"]
+__all__ = ["make_model", "model_source"]
 
 _DESC = {
     "resnet": "examples.common.models.ResNet8 (width 16)",

@@ -31,8 +31,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import _optimizers
 from benchmarks import _sources
+from benchmarks import timing
+from examples.common import optimizers
+from examples.common import problems
 
 # Optimisers of the step-overhead benchmark, with the hyperparameters used
 # (the values do not change the cost).
@@ -59,8 +61,7 @@ def make_train_step(graphdef, tx):
 
   def loss_fn(params, rest, x, y):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    logits = model(x, train=True)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    losses = problems.cross_entropy(model(x, train=True), y)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return jnp.mean(losses), (losses, new_rest)
 
@@ -73,17 +74,6 @@ def make_train_step(graphdef, tx):
     return params, rest, opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def make_opt_part(tx):
-  """The optimiser part alone: update + apply_updates, params/state donated."""
-
-  def part(params, opt_state, grads, loss, losses, idx):
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss,
-                                   losses=losses, indices=idx)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(part, donate_argnums=(0, 1))
 
 
 _OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
@@ -141,19 +131,6 @@ def hlo_summary(compiled) -> dict[str, Any]:
   return out
 
 
-def _interleave(fns: dict, rounds: int, steps: int) -> dict[str, list[float]]:
-  """Runs each fn `steps` times per turn, turns interleaved, order rotated."""
-  names = list(fns)
-  times = {n: [] for n in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for n in order:
-      t0 = time.perf_counter()
-      fns[n](steps)
-      times[n].append((time.perf_counter() - t0) / steps)
-  return times
-
-
 def _summ(ts: list[float], ref: list[float]) -> dict[str, float]:
   med, ref_med = statistics.median(ts), statistics.median(ref)
   q = np.quantile(np.asarray(ts), [0.25, 0.75])
@@ -173,9 +150,16 @@ def _summ(ts: list[float], ref: list[float]) -> dict[str, float]:
   }
 
 
+def _compiled_part(tx, params0, batches):
+  """The optimiser part of `tx`, compiled, and a runner on fresh copies."""
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  p, s = copy(params0), copy(tx.init(params0))
+  cpart = timing.opt_part(tx).lower(p, s, *batches[0]).compile()
+  return cpart, timing.Runner(cpart, (p, s), batches)
+
+
 def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
   batch, num_examples = cfg["batch"], cfg["num_examples"]
-  spe = num_examples // batch
   model = _sources.make_model(model_name, num_classes=10, in_shape=(32, 32, 3),
                               seed=0)
   graphdef, params0, rest0 = _split(model)
@@ -185,15 +169,18 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
   y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
   idx_all = jnp.asarray(rng.integers(0, num_examples, (64, batch)), jnp.int32)
   # The paper: 200 epochs in K=10 sections, so 20 epochs a section.
-  ctx = _optimizers.Context(num_examples, spe, 200)
+  ctx = optimizers.RunContext.create(num_examples, batch, 200,
+                                     drop_remainder=True)
   names = [n for n in cfg["optimizers"]]
 
-  steps, states, parts = {}, {}, {}
+  fns, pfns = {}, {}
   hlo_step, hlo_part, hlo_text = {}, {}, {}
   grads0 = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params0)
   losses0 = jnp.ones((batch,), jnp.float32)
+  step_batches = [(x, y, i) for i in idx_all]
+  part_batches = [(grads0, jnp.float32(1.0), losses0, i) for i in idx_all]
   for n in names:
-    tx = _optimizers.build(n, OVERHEAD_OPTS[n], 0.0, ctx)
+    tx = optimizers.build(n, OVERHEAD_OPTS[n], 0.0, ctx)
     step = make_train_step(graphdef, tx)
     copy = lambda t: jax.tree.map(jnp.array, t)
     p, r = copy(params0), copy(rest0)
@@ -203,63 +190,30 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     hlo_step[n] = hlo_summary(compiled)
     hlo_step[n]["compile_s"] = compile_s
-    states[n] = [p, r, s, 0]
-    steps[n] = compiled
-    part = make_opt_part(tx)
-    pp, ps = copy(params0), copy(tx.init(params0))
-    cpart = part.lower(pp, ps, grads0, jnp.float32(1.0), losses0,
-                       idx_all[0]).compile()
+    fns[n] = timing.Runner(compiled, (p, r, s), step_batches)
+    cpart, pfns[n] = _compiled_part(tx, params0, part_batches)
     hlo_part[n] = hlo_summary(cpart)
     if n in ("sgd", "aalig"):
       hlo_text[n] = cpart.as_text()
-    parts[n] = (cpart, [pp, ps, 0])
   log(f"  [{model_name}] {n_params} params, compiled {len(names)} steps")
 
-  def runner(n):
-    st = states[n]
-    def run(k):
-      p, r, s, i = st
-      for _ in range(k):
-        p, r, s, loss = steps[n](p, r, s, x, y, idx_all[i % 64])
-        i += 1
-      jax.block_until_ready((p, s, loss))
-      st[:] = [p, r, s, i]
-    return run
-
-  def part_runner(n):
-    cpart, st = parts[n]
-    def run(k):
-      p, s, i = st
-      for _ in range(k):
-        p, s = cpart(p, s, grads0, jnp.float32(1.0), losses0, idx_all[i % 64])
-        i += 1
-      jax.block_until_ready((p, s))
-      st[:] = [p, s, i]
-    return run
-
-  fns = {n: runner(n) for n in names}
   for f in fns.values():  # warm-up
     f(cfg["warmup"])
-  t = _interleave(fns, cfg["rounds"][model_name],
-                  cfg["steps_per_round"][model_name])
+  t = timing.interleave(fns, cfg["rounds"][model_name],
+                        cfg["steps_per_round"][model_name])
   step_res = {n: _summ(t[n], t["sgd"]) for n in names}
 
   # The optimiser part alone; AALIG also with an ImageNet-sized table.
-  pfns = {n: part_runner(n) for n in names}
   big_n = cfg.get("big_num_examples", 0)
   if big_n:
-    tx = _optimizers.build("aalig", 0.1, 0.0,
-                           _optimizers.Context(big_n, big_n // batch, 200))
-    cpart = make_opt_part(tx).lower(
-        params0, tx.init(params0), grads0, jnp.float32(1.0), losses0,
-        idx_all[0]).compile()
-    parts["aalig_bigN"] = (cpart, [jax.tree.map(jnp.array, params0),
-                                   jax.tree.map(jnp.array, tx.init(params0)), 0])
+    tx = optimizers.build("aalig", 0.1, 0.0, optimizers.RunContext.create(
+        big_n, batch, 200, drop_remainder=True))
+    cpart, pfns["aalig_bigN"] = _compiled_part(tx, params0, part_batches)
     hlo_part["aalig_bigN"] = hlo_summary(cpart)
-    pfns["aalig_bigN"] = part_runner("aalig_bigN")
   for f in pfns.values():
     f(cfg["warmup"])
-  tp = _interleave(pfns, cfg["part_rounds"], cfg["part_steps_per_round"])
+  tp = timing.interleave(pfns, cfg["part_rounds"],
+                         cfg["part_steps_per_round"])
   part_res = {n: _summ(tp[n], tp["sgd"]) for n in pfns}
   for n in pfns:
     part_res[n]["extra_over_sgd_us"] = 1e6 * (

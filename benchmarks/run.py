@@ -16,21 +16,17 @@ that part in an existing ``results.json`` and regenerates the report.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
-import jax  # pylint: disable=g-import-not-at-top
-
-from benchmarks import _optimizers  # pylint: disable=g-import-not-at-top
-from benchmarks import overhead  # pylint: disable=g-import-not-at-top
-from benchmarks import quality  # pylint: disable=g-import-not-at-top
-from benchmarks import report  # pylint: disable=g-import-not-at-top
+from benchmarks import overhead
+from benchmarks import quality
+from benchmarks import report
+from benchmarks import tasks
+from examples.common import optimizers
+from examples.common import report as report_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,52 +49,11 @@ def overhead_config(scale: str, tiny: bool) -> dict:
 
 
 def quality_config(args) -> dict:
-  tasks = (args.tasks.split(",") if args.tasks else list(quality.TASK_NAMES))
+  names = (args.tasks.split(",") if args.tasks else list(tasks.TASK_NAMES))
   opts = (args.optimizers.split(",") if args.optimizers
-          else list(quality.QUALITY_OPTS))
-  return dict(tasks=tasks, optimizers=opts, scale=args.scale,
+          else list(tasks.QUALITY_OPTS))
+  return dict(tasks=names, optimizers=opts, scale=args.scale,
               seeds=args.seeds, heavy_seeds=args.heavy_seeds, tiny=args.tiny)
-
-
-def _git(*cmd):
-  try:
-    return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout.strip()
-  except Exception:  # pylint: disable=broad-except
-    return "?"
-
-
-def environment() -> dict:
-  cpu = "?"
-  try:
-    for line in open("/proc/cpuinfo", encoding="utf-8"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  import flax, numpy, optax  # pylint: disable=g-import-not-at-top,multiple-imports
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import aalig_optax  # pylint: disable=g-import-not-at-top
-  dirty = _git("status", "--porcelain", "--", "aalig_optax", "benchmarks",
-               "examples/common")
-  return {
-      "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
-      "nproc": os.cpu_count(),
-      "cpu_model": cpu,
-      "platform": platform.platform(),
-      "devices": [str(d) for d in jax.devices()],
-      "backend": jax.default_backend(),
-      "load_average_at_start": list(os.getloadavg()),
-      "python": sys.version.split()[0],
-      "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                   "optax": optax.__version__, "flax": flax.__version__,
-                   "numpy": numpy.__version__,
-                   "aalig_optax": aalig_optax.__version__},
-      "git_commit": _git("rev-parse", "--short", "HEAD"),
-      "git_dirty_paths": dirty.splitlines() if dirty not in ("", "?") else [],
-  }
 
 
 def _rounded(x):
@@ -127,10 +82,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--heavy-seeds", type=int, default=2,
                       help="seeds of the ResNet and char-RNN tasks")
   parser.add_argument("--tasks", default="",
-                      help=f"comma-separated subset of {quality.TASK_NAMES}")
+                      help=f"comma-separated subset of {tasks.TASK_NAMES}")
   parser.add_argument("--optimizers", default="",
                       help="comma-separated subset of "
-                      f"{quality.QUALITY_OPTS} (quality)")
+                      f"{tasks.QUALITY_OPTS} (quality)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long smoke run (tests); its numbers "
@@ -150,7 +105,7 @@ def main(argv=None) -> dict:
     return results
   command = "python -m benchmarks.run " + " ".join(
       argv if argv is not None else sys.argv[1:])
-  env = environment()
+  env = report_lib.environment()
   t_start = time.perf_counter()
   log = lambda msg: print(msg, flush=True)
   log(f"{command.strip()}  [{env['date_utc']}, {env['nproc']} x "
@@ -179,8 +134,8 @@ def main(argv=None) -> dict:
                          "wall_s": time.perf_counter() - t_start}
   results["optimizers"] = {
       k: {"label": v.label, "tuned": v.tuned, "description": v.description}
-      for k, v in _optimizers.SPECS.items()}
-  path.write_text(json.dumps(_rounded(results), allow_nan=True))
+      for k, v in optimizers.SPECS.items()}
+  report_lib.write_files(out, {path.name: _rounded(results)}, indent=None)
   report.write(results, out)
   log(f"done in {results['last_run']['wall_s']:.0f} s; results in {out}")
   return results

@@ -44,12 +44,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
-import datetime
-import functools
 import json
 import pathlib
-import platform
-import statistics
 import sys
 import time
 
@@ -60,6 +56,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import aalig_optax as ao
+from benchmarks import report_scaling
+from benchmarks import timing
+from examples.common import optimizers
+from examples.common import problems
+from examples.common import report
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -82,8 +83,7 @@ def mlp_losses(params, x, y):
   h = x
   for layer in params[:-1]:
     h = jax.nn.relu(h @ layer["w"] + layer["b"])
-  logits = h @ params[-1]["w"] + params[-1]["b"]
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  return problems.cross_entropy(h @ params[-1]["w"] + params[-1]["b"], y)
 
 
 def make_train_step(tx, out_shardings=None):
@@ -98,44 +98,10 @@ def make_train_step(tx, out_shardings=None):
   return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def make_opt_part(tx):
-  """update + apply_updates alone, on given grads and losses (donated)."""
-  def part(params, state, grads, losses, idx):
-    updates, state = tx.update(grads, state, params, losses=losses,
-                               indices=idx)
-    return optax.apply_updates(params, updates), state
-  return jax.jit(part, donate_argnums=(0, 1))
-
-
 # ------------------------------------------------------------------ timing
-def interleaved(runners, rounds, steps):
-  """Median seconds per step of each runner, turns interleaved and rotated."""
-  names = list(runners)
-  times = {k: [] for k in names}
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]
-    for k in order:
-      t0 = time.perf_counter()
-      runners[k](steps)
-      times[k].append((time.perf_counter() - t0) / steps)
-  return {k: dict(median_s=statistics.median(v), min_s=min(v),
-                  rounds=len(v), steps_per_round=steps)
-          for k, v in times.items()}
-
-
-class Runner:
-  """Holds a donated (params, state) pair and runs `fn` on it."""
-
-  def __init__(self, fn, params, state, batches):
-    self.fn, self.params, self.state = fn, params, state
-    self.batches, self.k = batches, 0
-
-  def __call__(self, steps):
-    for _ in range(steps):
-      batch = self.batches[self.k % len(self.batches)]
-      self.k += 1
-      self.params, self.state = self.fn(self.params, self.state, *batch)
-    jax.block_until_ready((self.params, self.state))
+def _timed(runners, rounds, steps):
+  """Median seconds per step of each runner (see benchmarks.timing)."""
+  return timing.medians(timing.interleave(runners, rounds, steps), steps)
 
 
 def tree_bytes(tree):
@@ -144,11 +110,11 @@ def tree_bytes(tree):
 
 
 def table_bytes(state):
-  core = [s for s in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, ao.ScaleByAaligState))
-          if isinstance(s, ao.ScaleByAaligState)][0]
-  return sum(getattr(core, t).nbytes for t in
-             ("aov", "aov_step", "last_loss", "best_loss")
+  """Bytes of AALIG's [N] tables in `state` (arrays or shape structs)."""
+  core = optimizers.aalig_state(state)
+  return sum(int(np.prod(getattr(core, t).shape)) *
+             getattr(core, t).dtype.itemsize
+             for t in ("aov", "aov_step", "last_loss", "best_loss")
              if getattr(core, t) is not None)
 
 
@@ -181,27 +147,27 @@ def bench_steps(args, sizes, data):
     fresh = lambda tx=tx: (jax.device_put(params0, device),
                            jax.device_put(tx.init(params0), device))
     step = make_train_step(tx)
-    train[n] = Runner(step, *fresh(), b)
+    train[n] = timing.Runner(step, fresh(), b)
     train[n](1)
-    opt_batches = [(jax.device_put(grads0, device), jnp.abs(x[:, 0]), idx)
-                   for x, _, idx in b]
-    part[n] = Runner(make_opt_part(tx), *fresh(), opt_batches)
+    opt_batches = [(jax.device_put(grads0, device), jnp.float32(1.0),
+                    jnp.abs(x[:, 0]), idx) for x, _, idx in b]
+    part[n] = timing.Runner(timing.opt_part(tx), fresh(), opt_batches)
     part[n](1)
     tx_sec = ao.aalig(0.1, n, 1, 1)  # a section end at every step
-    section[n] = Runner(make_opt_part(tx_sec),
-                        jax.device_put(params0, device),
-                        jax.device_put(tx_sec.init(params0), device),
-                        opt_batches)
+    section[n] = timing.Runner(timing.opt_part(tx_sec),
+                               (jax.device_put(params0, device),
+                                jax.device_put(tx_sec.init(params0), device)),
+                               opt_batches)
     section[n](1)
 
   log(f"timing the train step, {args.rounds} interleaved rounds")
-  t_train = interleaved(train, args.rounds, args.steps)
+  t_train = _timed(train, args.rounds, args.steps)
   log("timing the optimiser part")
-  t_part = interleaved(part, args.rounds, args.steps)
+  t_part = _timed(part, args.rounds, args.steps)
   log("timing the optimiser part with a section end at every step")
   big = [n for n in sizes if n >= 10**7]
-  t_sec = interleaved(section, max(3, args.rounds // 3),
-                      max(1, args.steps // (10 if big else 1)))
+  t_sec = _timed(section, max(3, args.rounds // 3),
+                 max(1, args.steps // (10 if big else 1)))
   base = sizes[0]
   rows = []
   for n in sizes:
@@ -234,11 +200,7 @@ def bench_bytes(args):
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
       tx = ao.aalig(0.1, n, 10, 1, loss_estimate=est, table_dtype=dtype)
       state = jax.eval_shape(tx.init, params)
-      core = state[0]
-      tables = sum(int(np.prod(getattr(core, t).shape)) *
-                   getattr(core, t).dtype.itemsize
-                   for t in ("aov", "aov_step", "last_loss", "best_loss")
-                   if getattr(core, t) is not None)
+      tables = table_bytes(state)
       out.append(dict(loss_estimate=est, table_dtype=jnp.dtype(dtype).name,
                       table_bytes_per_example=tables / n,
                       other_state_bytes=tree_bytes(state) - tables))
@@ -288,10 +250,10 @@ def bench_mesh(args, data):
       rows = rng.integers(0, x_all.shape[0], size=args.batch)
       b.append(jax.device_put((x_all[rows], y_all[rows], idx), batch))
     step = make_train_step(tx, out_shardings=(rep, shardings))
-    runners[layout] = Runner(step, params, state, b)
+    runners[layout] = timing.Runner(step, (params, state), b)
     runners[layout](1)
   log("timing the train step on the mesh, both layouts")
-  t = interleaved(runners, max(3, args.rounds // 2), args.steps)
+  t = _timed(runners, max(3, args.rounds // 2), args.steps)
   for layout in runners:
     result["layouts"][layout]["train_step_s"] = t[layout]["median_s"]
   return result
@@ -318,101 +280,6 @@ def steps_under_malloc_env(argv):
   subprocess.run(cmd, env=dict(os.environ, **MALLOC_ENV), check=True,
                  cwd=pathlib.Path(__file__).resolve().parents[1])
   return json.loads(out.read_text())
-
-
-# ---------------------------------------------------------------- reporting
-def to_markdown(res):
-  cmd = res["command"]
-  lines = [
-      "# AALIG scaling benchmark",
-      "",
-      f"Made by `{cmd}` on {res['machine']['when']} "
-      f"({res['machine']['cpu_count']} CPU cores, "
-      f"{res['machine']['backend']}, jax {res['machine']['jax']}, "
-      f"{res['machine']['devices']} devices). The script's docstring says "
-      "what each number is.",
-      "",
-      f"## Step time against N (batch {res['config']['batch']}, MLP "
-      f"{res['config']['mlp']}, state donated, median of "
-      f"{res['config']['rounds']} interleaved rounds x "
-      f"{res['config']['steps']} steps)",
-      "",
-      "| N | train step | ratio to N=10^3 | optimiser part | ratio | "
-      "section end | ns per example |",
-      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-  ]
-  for r in res["steps"]:
-    lines.append(
-        f"| {r['num_examples']:.0e} | {r['train_step_s'] * 1e3:.3f} ms | "
-        f"{r['train_step_ratio']:.3f} | {r['opt_part_s'] * 1e6:.1f} us | "
-        f"{r['opt_part_ratio']:.3f} | {r['section_end_s'] * 1e3:.3f} ms | "
-        f"{r['section_end_ns_per_example']:.2f} |")
-  s = res["summary"]
-  big = 10**res["config"]["max_exp"]
-  lines += [
-      "",
-      f"step({big:.0e}) / step(1e+03) = **{s['train_step_ratio_max_n']:.3f}** "
-      f"(target <= 1.05: {'met' if s['train_step_target_met'] else 'NOT met'})"
-      f"; optimiser part alone: {s['opt_part_ratio_max_n']:.3f}.",
-  ]
-  if res.get("steps_malloc_env"):
-    env = " ".join(f"{k}={v}" for k, v in res["malloc_env"].items())
-    lines += [
-        "",
-        f"The same step timings in a process started with `{env}` (glibc "
-        "keeps freed memory mapped; see below):",
-        "",
-        "| N | train step | ratio to N=10^3 | optimiser part | ratio |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in res["steps_malloc_env"]:
-      lines.append(
-          f"| {r['num_examples']:.0e} | {r['train_step_s'] * 1e3:.3f} ms | "
-          f"{r['train_step_ratio']:.3f} | {r['opt_part_s'] * 1e6:.1f} us | "
-          f"{r['opt_part_ratio']:.3f} |")
-    lines += [
-        "",
-        "Why the two runs differ: the compiled step holds no O(N) work "
-        "outside the section-end `lax.cond` and copies no table "
-        "(tests/test_scaling.py checks the HLO), but XLA:CPU allocates the "
-        "program's temporary buffer at every call, and the section end's "
-        "temporaries (about 5 bytes per example: a comparison mask and the "
-        "int32 operand of the counts behind `reached_fraction`, which "
-        "XLA:CPU does not fuse into their reductions) make it larger "
-        "than glibc's largest mmap threshold (32 MB) once N >~ 6.4M. glibc "
-        "then maps and unmaps it at every call, and the step page-faults "
-        "the pages it touches, i.e. its own parameter-sized temporaries: a "
-        "constant per step that grows with the model, not with N. GPU and "
-        "TPU allocators reuse their memory and do not pay it.",
-    ]
-  lines += [
-      "",
-      "## Optimiser-state bytes per example",
-      "",
-      "| loss_estimate | table dtype | table bytes / example |",
-      "| --- | --- | ---: |",
-  ]
-  for r in res["bytes"]:
-    lines.append(f"| {r['loss_estimate']} | {r['table_dtype']} | "
-                 f"{r['table_bytes_per_example']:g} |")
-  m = res.get("mesh")
-  if m:
-    lines += [
-        "",
-        f"## Tables on {m['num_devices']} devices, N = {m['num_examples']:,}",
-        "",
-        "| layout | rows per device | table bytes per device | "
-        "per example (of N) | train step |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, l in m["layouts"].items():
-      lines.append(
-          f"| {name} | {l['rows_per_device']:,} | "
-          f"{l['per_device_table_bytes']:,} | "
-          f"{l['per_device_table_bytes_per_example']:g} | "
-          f"{l['train_step_s'] * 1e3:.3f} ms |")
-  lines.append("")
-  return "\n".join(lines)
 
 
 def main(argv=None):
@@ -443,7 +310,8 @@ def main(argv=None):
       f"N = {sizes}")
   steps, raw = bench_steps(args, sizes, data)
   if args.steps_only_json:  # the child run under MALLOC_ENV
-    args.steps_only_json.write_text(json.dumps(steps))
+    report.write_files(args.steps_only_json.parent,
+                       {args.steps_only_json.name: steps}, indent=None)
     return steps
   malloc_steps = None if args.no_malloc_run else steps_under_malloc_env(argv)
   nbytes = bench_bytes(args)
@@ -453,11 +321,7 @@ def main(argv=None):
                   "python -m benchmarks.scaling"] + (argv or sys.argv[1:]))
   res = dict(
       command=cmd,
-      machine=dict(when=datetime.datetime.now(datetime.timezone.utc)
-                   .strftime("%Y-%m-%d %H:%M UTC"),
-                   cpu_count=os.cpu_count(), platform=platform.platform(),
-                   backend=jax.default_backend(), jax=jax.__version__,
-                   optax=optax.__version__, devices=jax.device_count()),
+      environment=report.environment(),
       config=dict(batch=args.batch, mlp=args.mlp, rounds=args.rounds,
                   max_exp=args.max_exp,
                   steps=args.steps, sizes=sizes),
@@ -483,8 +347,8 @@ def main(argv=None):
           seconds=time.time() - t0),
   )
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "scaling.json").write_text(json.dumps(res, indent=1) + "\n")
-  (args.out / "scaling.md").write_text(to_markdown(res))
+  report.write_files(args.out, {
+      "scaling.json": res, "scaling.md": report_scaling.to_markdown(res)})
   log(f"done in {time.time() - t0:.0f} s: step ratio "
       f"{last['train_step_ratio']:.3f}, wrote {args.out}/scaling.{{json,md}}")
   return res

@@ -26,17 +26,19 @@ References:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
 import pathlib
 import time
 
-import jax.numpy as jnp
-import optax
-
 from examples.common import cli
 from examples.common import data as data_lib
+from examples.common import loop
 from examples.common import models
-from examples.common import train as train_lib
+from examples.common import optimizers
+from examples.common import problems
+from examples.common import report
+from examples.common import text as text_lib
 
 # Powers of ten; AALIG's maximal step size is large because the Polyak step
 # clips it early in training and shrinks itself near the AOVs.
@@ -44,20 +46,25 @@ DEFAULT_LRS = {"aalig": 1.0, "alig": 1.0, "sps": 1.0, "adam": 3e-3,
                "sgd": 1.0}
 
 
-def sequence_loss(logits, targets):
-  """Per-sequence mean cross-entropy over its characters: [B, T] -> [B]."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-      logits, targets), axis=-1)
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  epochs: int = 3
+  batch_size: int = 50
+  optimisers: str = "aalig,adam,sgd"
+  max_chars: int = 300_000  # Use the first N characters (0: all).
+  max_test_seqs: int = 2000  # 0: all.
 
 
-def sequence_accuracy(logits, targets):
-  return jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32),
-                  axis=-1)
+CPU = Preset()
+# Full text, 150 epochs, all optimisers.
+PAPER = Preset(epochs=150, optimisers=",".join(optimizers.OPTIMISERS),
+               max_chars=0, max_test_seqs=0)
+PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
 def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
                  num_layers: int = 2, max_chars=None, max_test_seqs=None,
-                 data_dir=None) -> train_lib.Problem:
+                 data_dir=None) -> problems.Problem:
   """The next-character prediction problem on text `name`.
 
   Args:
@@ -70,45 +77,36 @@ def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
     data_dir: the folder with the text (default the shared data folder).
 
   Returns:
-    A :class:`~examples.common.train.Problem` over sequences.
+    A :class:`~examples.common.problems.Problem` over sequences.
   """
-  text = data_lib.load_text(name, data_dir=data_dir, max_chars=max_chars)
+  text = text_lib.load_text(name, data_dir=data_dir, max_chars=max_chars)
   tr = text.sequences("train", seq_len)
   te = text.sequences("test", seq_len)[:max_test_seqs]
   data = data_lib.ArrayDataset(tr[:, :-1], tr[:, 1:], te[:, :-1], te[:, 1:],
                                len(text.vocab), name)
   vocab = len(text.vocab)
-  return train_lib.Problem(
+  return problems.Problem(
       data=data,
       make_model=lambda rngs: models.CharRNN(vocab, hidden, num_layers,
                                              rngs=rngs),
-      per_example_loss=sequence_loss, accuracy=sequence_accuracy, name=name)
+      per_example_loss=problems.sequence_loss,
+      accuracy=problems.sequence_accuracy, name=name)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=3, batch_size=50,
-                      optimisers=("aalig", "adam", "sgd"),
-                      workdir="runs/char_rnn")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/char_rnn")
   parser.add_argument("--dataset", default="tolstoi",
                       choices=("tolstoi", "tiny_shakespeare"))
   parser.add_argument("--data-dir", default=None,
                       help="folder with the text (default ../shared/data)")
   parser.add_argument("--seq-len", type=int, default=50)
   parser.add_argument("--hidden", type=int, default=128)
-  parser.add_argument("--max-chars", type=int, default=300_000,
-                      help="use the first N characters (0: all)")
-  parser.add_argument("--max-test-seqs", type=int, default=2000,
-                      help="0: all")
+  cli.preset_arg(parser, "--max-chars", PRESETS, type=int,
+                 help="use the first N characters (0: all)")
+  cli.preset_arg(parser, "--max-test-seqs", PRESETS, type=int, help="0: all")
   parser.add_argument("--momentum", type=float, default=0.9)
-  parser.add_argument("--paper", action="store_true",
-                      help="full text, 150 epochs, all optimisers")
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)
-  if args.paper:
-    args.max_chars = args.max_test_seqs = 0
-    args.epochs = 150
-    args.optimisers = ",".join(train_lib.OPTIMISERS)
   with cli.clear_errors():
     problem = make_problem(args.dataset, args.seq_len, args.hidden,
                            max_chars=args.max_chars or None,
@@ -122,19 +120,16 @@ def main(argv=None):
         f"sequences of {args.seq_len} characters, vocab {d.num_classes}")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  with cli.clear_errors():
-    rows, histories = train_lib.compare_classifiers(
-        problem, configs, args, args.dataset,
-        val_label="test accuracy (per character)",
-        title=f"2-layer LSTM on {args.dataset}")
-  table = train_lib.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc",
-             "best_test_acc", "seconds"])
-  print(f"\nChar-RNN on {args.dataset}, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (args.dataset + '.png')}")
-  cli.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(loop.train_supervised, problem), d.num_train,
+      configs, args, args.dataset,
+      val_label="test accuracy (per character)",
+      title=f"2-layer LSTM on {args.dataset}")
+  report.summarise(
+      workdir, f"Char-RNN on {args.dataset}, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc", "best_test_acc",
+       "seconds"], histories, f"Plot: {workdir / (args.dataset + '.png')}")
   return rows
 
 

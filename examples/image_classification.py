@@ -24,7 +24,7 @@ cores)::
 
 The train step is the functional NNX pattern (``nnx.split`` once, then
 ``nnx.merge`` inside a jitted pure function) from
-:func:`examples.common.train.train_supervised`. With ``nnx.Optimizer`` the
+:func:`examples.common.loop.train_supervised`. With ``nnx.Optimizer`` the
 same update is ``optimizer.update(model, grads, losses=losses,
 indices=indices, mask=mask)``: it forwards the keyword arguments to the
 optax transformation.
@@ -36,34 +36,29 @@ References:
 
 from __future__ import annotations
 
-import argparse
+import functools
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from examples.common import cli
 from examples.common import data as data_lib
+from examples.common import loop
 from examples.common import models
-from examples.common import train as train_lib
+from examples.common import optimizers
+from examples.common import problems
+from examples.common import report
 
-# The paper: maximal step size 0.1 for AALIG (its Figure 4); SGD 0.1 with the
-# step schedule; Adam's default 1e-3.
-DEFAULT_LRS = {"aalig": 0.1, "alig": 0.1, "sps": 0.1, "adam": 1e-3,
-               "sgd": 0.1}
+DEFAULT_LRS = problems.DEEP_LRS
 
-
-def cross_entropy(logits, labels):
-  """Per-example softmax cross-entropy with integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def accuracy(logits, labels):
-  return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+# 6,000 Fashion-MNIST images, 3 epochs; the paper: all the data, 200 epochs.
+CPU = cli.ImagePreset(epochs=3, optimisers="aalig,sgd,adam", max_train=6000,
+                      max_test=2000)
+PAPER = cli.ImagePreset(epochs=200, optimisers=",".join(optimizers.OPTIMISERS))
+PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
 def random_crop_flip(key, images, pad: int = 4, flip: bool = True):
@@ -93,62 +88,35 @@ def random_crop_flip(key, images, pad: int = 4, flip: bool = True):
 
 
 def make_problem(data: data_lib.ArrayDataset, augment: bool,
-                 width: int = 16) -> train_lib.Problem:
+                 width: int = 16) -> problems.Problem:
   """ResNet8 cross-entropy classification of `data` (uint8 images)."""
-  x = data.x_train.astype(np.float32) / 255.0
-  mean = jnp.asarray(x.mean(axis=(0, 1, 2)))
-  std = jnp.asarray(x.std(axis=(0, 1, 2)) + 1e-6)
+  mean, std = map(jnp.asarray, problems.channel_stats(data.x_train))
   channels = data.x_train.shape[-1]
 
   def preprocess(images):
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
-  return train_lib.Problem(
+  return problems.Problem(
       data=data,
       make_model=lambda rngs: models.ResNet8(data.num_classes, channels,
                                              width, rngs=rngs),
-      per_example_loss=cross_entropy, accuracy=accuracy,
+      per_example_loss=problems.cross_entropy, accuracy=problems.accuracy,
       preprocess=preprocess,
       augment=random_crop_flip if augment else None, name=data.name)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=3, batch_size=128,
-                      optimisers=("aalig", "sgd", "adam"),
-                      workdir="runs/image_classification")
-  parser.add_argument("--dataset", default="fashion_mnist")
-  parser.add_argument("--max-train", type=int, default=6000,
-                      help="train on the first N images (0: all)")
-  parser.add_argument("--max-test", type=int, default=2000,
-                      help="evaluate on the first N test images (0: all)")
+  parser = cli.make_parser(
+      __doc__, presets=PRESETS, workdir="runs/image_classification")
+  cli.add_image_args(parser, PRESETS)
   parser.add_argument("--augment", action="store_true",
                       help="random crops and flips")
   parser.add_argument("--momentum", type=float, default=0.9)
   parser.add_argument("--weight-decay", type=float, default=0.0)
   parser.add_argument("--width", type=int, default=16)
-  parser.add_argument("--download", action="store_true",
-                      help="let TFDS download and prepare the data set "
-                      "(needs tensorflow and a network)")
-  parser.add_argument("--tfds", action="store_true",
-                      help="read fashion_mnist from TFDS too (other data "
-                      "sets always are)")
-  parser.add_argument("--paper", action="store_true",
-                      help="the paper's settings: full data, 200 epochs, "
-                      "all optimisers")
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)
-  if args.paper:
-    args.max_train = args.max_test = 0
-    args.epochs = 200
-    args.optimisers = ",".join(train_lib.OPTIMISERS)
-  kwargs = dict(max_train=args.max_train or None,
-                max_test=args.max_test or None)
-  if args.download:
-    kwargs["download"] = True
-  with cli.clear_errors():
-    data = data_lib.load_image_dataset(
-        args.dataset, source="tfds" if args.tfds else "auto", **kwargs)
+  data = cli.load_images(args)
   problem = make_problem(data, args.augment, args.width)
   configs = cli.optimiser_configs(
       args, DEFAULT_LRS,
@@ -162,20 +130,17 @@ def main(argv=None):
         f"ResNet8 with {num_params} parameters")
   workdir = pathlib.Path(args.workdir)
   t_start = time.time()
-  with cli.clear_errors():
-    rows, histories = train_lib.compare_classifiers(
-        problem, configs, args, data.name,
-        val_label="test accuracy",
-        title=f"ResNet8 on {data.name}")
-  table = train_lib.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc",
-             "best_test_acc", "seconds"])
-  print(f"\nResNet8 on {data.name}, {args.epochs} epochs, batch "
-        f"{args.batch_size}, augment={args.augment}, "
-        f"{time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (data.name + '.png')}")
-  cli.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(loop.train_supervised, problem), data.num_train,
+      configs, args, data.name,
+      val_label="test accuracy",
+      title=f"ResNet8 on {data.name}")
+  report.summarise(
+      workdir, f"ResNet8 on {data.name}, {args.epochs} epochs, batch "
+      f"{args.batch_size}, augment={args.augment}, "
+      f"{time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc", "best_test_acc",
+       "seconds"], histories, f"Plot: {workdir / (data.name + '.png')}")
   return rows
 
 

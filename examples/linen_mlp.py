@@ -18,7 +18,7 @@ fix is a small subclass that forwards keyword arguments::
 
 (Calling ``state.tx.update(...)`` directly in the step is the other option.)
 This example trains a linen MLP on Fashion-MNIST (its IDX files, see
-``examples.common.data.load_fashion_mnist``; ``--tfds`` for TFDS's copy)
+``examples.common.images.load_fashion_mnist``; ``--tfds`` for TFDS's copy)
 with AALIG, ALI-G and Adam, through the same jitted, donated, checkpointed
 loop as the NNX examples.
 
@@ -34,7 +34,7 @@ References:
 
 from __future__ import annotations
 
-import argparse
+import functools
 import pathlib
 import time
 from typing import Sequence
@@ -49,10 +49,14 @@ from flax.training import train_state
 import aalig_optax
 from examples.common import cli
 from examples.common import data as data_lib
-from examples.common import train as train_lib
+from examples.common import loop
+from examples.common import optimizers
+from examples.common import problems
+from examples.common import report
 
-DEFAULT_LRS = {"aalig": 0.1, "alig": 0.1, "sps": 0.1, "adam": 1e-3,
-               "sgd": 0.1}
+DEFAULT_LRS = problems.DEEP_LRS
+# All 60,000 images, 10 epochs.
+PRESETS = {"CPU": cli.ImagePreset(epochs=10, optimisers="aalig,alig,adam")}
 
 
 class TrainState(train_state.TrainState):
@@ -86,23 +90,16 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
-def train(data: data_lib.ArrayDataset, cfg: train_lib.OptConfig, *,
-          batch_size: int, num_epochs: int, seed: int, workdir,
-          resume: bool = False, overwrite: bool = False,
-          verbose: bool = True,
-          max_steps_per_epoch=None, hidden=(256, 256)):
-  """Trains the linen MLP on `data` with optimiser `cfg`; see ``fit``."""
+def train(data: data_lib.ArrayDataset, cfg: optimizers.OptConfig,
+          ctx: optimizers.RunContext, run: loop.Run, hidden=(256, 256)):
+  """Trains the linen MLP on `data` with optimiser `cfg`; see ``loop.fit``."""
   model = MLP(tuple(hidden), data.num_classes)
-  n = data.num_train
-  spe = data_lib.steps_per_epoch(n, batch_size)
-  if max_steps_per_epoch:
-    spe = min(spe, max_steps_per_epoch)
-  tx = train_lib.make_optimizer(cfg, num_examples=n, steps_per_epoch=spe,
-                                num_epochs=num_epochs)
+  tx = optimizers.make_optimizer(cfg, ctx)
   sample = jnp.zeros((1,) + data.x_train.shape[1:], jnp.float32)
   state = TrainState.create(
       apply_fn=model.apply,
-      params=model.init(jax.random.PRNGKey(seed), sample)["params"], tx=tx)
+      params=model.init(jax.random.PRNGKey(run.seed), sample)["params"],
+      tx=tx)
   # An int32 array, not create()'s Python 0: the first step would otherwise
   # return a different type and the step would compile twice.
   state = state.replace(step=jnp.zeros([], jnp.int32))
@@ -110,8 +107,7 @@ def train(data: data_lib.ArrayDataset, cfg: train_lib.OptConfig, *,
   norm = lambda im: im.astype(jnp.float32) / 255.0 - 0.5
 
   def per_example_loss(params, x, y):
-    logits = state.apply_fn({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return problems.cross_entropy(state.apply_fn({"params": params}, x), y)
 
   def train_step(state, train_data, idx, mask):
     x, y = norm(train_data["x"][idx]), train_data["y"][idx]
@@ -125,15 +121,14 @@ def train(data: data_lib.ArrayDataset, cfg: train_lib.OptConfig, *,
         state.params)
     state = state.apply_gradients(grads=grads, losses=losses, indices=idx,
                                   mask=mask, value=loss)
-    step_size = train_lib.logged_step_size(cfg, state.opt_state, grads, loss,
-                                           spe * num_epochs)
+    step_size = optimizers.logged_step_size(cfg, state.opt_state, grads,
+                                            loss, ctx)
     return state, dict(loss=loss, count=jnp.sum(m), step_size=step_size)
 
   @jax.jit
   def eval_batch(params, x, y):
     logits = model.apply({"params": params}, norm(x))
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, y),
-            (jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    return problems.cross_entropy(logits, y), problems.accuracy(logits, y)
 
   def evaluate(state):
     losses, accs = [], []
@@ -148,66 +143,31 @@ def train(data: data_lib.ArrayDataset, cfg: train_lib.OptConfig, *,
   epoch_metrics = None
   if cfg.name == "aalig":
     epoch_metrics = lambda s: aalig_optax.aalig_metrics(s.opt_state)
-  return train_lib.fit(
-      state, train_step, train_data, num_examples=n, batch_size=batch_size,
-      num_epochs=num_epochs, seed=seed, workdir=workdir, evaluate=evaluate,
-      epoch_metrics=epoch_metrics, resume=resume, overwrite=overwrite,
-      desc=f"linen MLP {cfg.label}", verbose=verbose,
-      max_steps_per_epoch=max_steps_per_epoch)
+  return loop.fit(state, train_step, train_data, ctx, run, evaluate=evaluate,
+                  epoch_metrics=epoch_metrics, desc=f"linen MLP {cfg.label}")
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=10, batch_size=128,
-                      optimisers=("aalig", "alig", "adam"),
-                      workdir="runs/linen_mlp")
-  parser.add_argument("--dataset", default="fashion_mnist")
-  parser.add_argument("--max-train", type=int, default=0, help="0: all")
-  parser.add_argument("--max-test", type=int, default=0, help="0: all")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/linen_mlp")
+  cli.add_image_args(parser, PRESETS)
   parser.add_argument("--momentum", type=float, default=0.9)
-  parser.add_argument("--download", action="store_true",
-                      help="let TFDS download and prepare the data set "
-                      "(needs tensorflow and a network)")
-  parser.add_argument("--tfds", action="store_true",
-                      help="read fashion_mnist from TFDS too (other data "
-                      "sets always are)")
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)
-  kwargs = dict(max_train=args.max_train or None,
-                max_test=args.max_test or None)
-  if args.download:
-    kwargs["download"] = True
-  with cli.clear_errors():
-    data = data_lib.load_image_dataset(
-        args.dataset, source="tfds" if args.tfds else "auto", **kwargs)
+  data = cli.load_images(args)
   configs = cli.optimiser_configs(args, DEFAULT_LRS,
                                   common=dict(momentum=args.momentum),
                                   adam=dict(momentum=0.0))
   workdir = pathlib.Path(args.workdir)
-  rows, histories = [], {}
   t_start = time.time()
-  for cfg in configs:
-    with cli.clear_errors():
-      _, hist = train(data, cfg, batch_size=args.batch_size,
-                      num_epochs=args.epochs, seed=args.seed,
-                      workdir=workdir / f"{data.name}_{cfg.name}",
-                      resume=args.resume, overwrite=args.overwrite,
-                      verbose=not args.quiet,
-                      max_steps_per_epoch=args.steps_per_epoch)
-    histories[cfg.label] = hist
-    last = hist[-1]
-    rows.append(dict(optimiser=cfg.label, train_loss=last["loss"],
-                     test_loss=last["val_loss"], test_acc=last["val_acc"]))
-  train_lib.plot_runs(histories, workdir / f"{data.name}.png",
-                      val_key="val_acc", val_label="test accuracy",
-                      title=f"linen MLP on {data.name}")
-  table = train_lib.format_table(
-      rows, ["optimiser", "train_loss", "test_loss", "test_acc"])
-  print(f"\nLinen MLP on {data.name} ({data.num_train} train), "
-        f"{args.epochs} epochs, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlot: {workdir / (data.name + '.png')}")
-  cli.write_summary(workdir, table, histories, {"rows": rows})
+  rows, histories = loop.compare_classifiers(
+      functools.partial(train, data), data.num_train, configs, args,
+      data.name, val_label="test accuracy",
+      title=f"linen MLP on {data.name}")
+  report.summarise(
+      workdir, f"Linen MLP on {data.name} ({data.num_train} train), "
+      f"{args.epochs} epochs, {time.time() - t_start:.0f} s", rows,
+      ["optimiser", "train_loss", "test_loss", "test_acc"], histories,
+      f"Plot: {workdir / (data.name + '.png')}")
   return rows
 
 

@@ -26,17 +26,20 @@ References:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from examples.common import cli
 from examples.common import data as data_lib
+from examples.common import loop
 from examples.common import models
-from examples.common import train as train_lib
+from examples.common import optimizers
+from examples.common import plots
+from examples.common import problems
+from examples.common import report
 
 # (Maximal) step sizes cross-validated over powers of ten {0.1, 1, 10} (Adam
 # {1e-3, 1e-2, 0.1}, SGD {0.01, 0.1, 1}) per problem, by the final training
@@ -55,9 +58,17 @@ TUNED_LRS = {
 PROBLEMS = {"rank1": 1, "rank4": 4, "rank10": 10, "full": None}
 
 
-def squared_error(out, y):
-  """Per-example mean squared error over the 10 outputs (MSELoss, as SLS)."""
-  return jnp.mean((out - y) ** 2, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  epochs: int = 50
+  batch_size: int = 100
+  optimisers: str = ",".join(optimizers.OPTIMISERS)
+  seeds: int = 1  # Seeds averaged over.
+
+
+CPU = Preset()
+PAPER = Preset(seeds=5)  # The paper's settings: 50 epochs, batch 100.
+PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
 def loss_floor(data: data_lib.ArrayDataset, rank) -> float:
@@ -72,36 +83,30 @@ def loss_floor(data: data_lib.ArrayDataset, rank) -> float:
   return float(np.sum(s[rank:] ** 2) / data.y_train.size)
 
 
-def make_problem(rank, seed: int) -> train_lib.Problem:
+def make_problem(rank, seed: int) -> problems.Problem:
   """The rank-`rank` factorisation problem (None: full linear model)."""
   data = data_lib.load_matrix_factorisation(seed)
   name = "full" if rank is None else f"rank{rank}"
-  return train_lib.Problem(
+  return problems.Problem(
       data=data,
       make_model=lambda rngs: models.LinearFactorisation(6, 10, rank,
                                                          rngs=rngs),
-      per_example_loss=squared_error, name=name)
+      per_example_loss=problems.squared_error, name=name)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=50, batch_size=100,
-                      optimisers=train_lib.OPTIMISERS,
-                      workdir="runs/matrix_factorisation", quiet=True)
+  parser = cli.make_parser(
+      __doc__, presets=PRESETS, workdir="runs/matrix_factorisation",
+      quiet=True)
   parser.add_argument("--problems", default=",".join(PROBLEMS),
                       help=f"comma-separated, from {list(PROBLEMS)}")
   parser.add_argument("--momentum", type=float, default=0.0,
                       help="momentum of aalig/alig/sgd (the convex problems "
                       "of Sec. 5.1 use none)")
-  parser.add_argument("--seeds", type=int, default=1,
-                      help="number of seeds to average over")
-  parser.add_argument("--paper", action="store_true",
-                      help="the paper's settings: 50 epochs, batch 100, "
-                      "5 seeds")
-  args = parser.parse_args(argv)
+  cli.preset_arg(parser, "--seeds", PRESETS, type=int,
+                 help="number of seeds to average over")
+  args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)
-  if args.paper:
-    args.epochs, args.batch_size, args.seeds = 50, 100, 5
   workdir = pathlib.Path(args.workdir)
   rows, histories = [], {}
   t_start = time.time()
@@ -117,14 +122,13 @@ def main(argv=None):
       finals = []
       for s in range(args.seeds):
         seed = args.seed + s
+        problem = make_problem(rank, seed)
+        ctx = cli.run_context(args, problem.data.num_train)
+        run = cli.run_of(args, workdir / pname / f"{cfg.name}_seed{seed}",
+                         seed)
         with cli.clear_errors():
-          _, hist = train_lib.train_supervised(
-              make_problem(rank, seed), cfg, batch_size=args.batch_size,
-              num_epochs=args.epochs, seed=seed,
-              workdir=workdir / pname / f"{cfg.name}_seed{seed}",
-              resume=args.resume, overwrite=args.overwrite, eval_train=True,
-              verbose=not args.quiet,
-              max_steps_per_epoch=args.steps_per_epoch)
+          _, hist = loop.train_supervised(problem, cfg, ctx, run,
+                                          eval_train=True)
         histories[f"{pname}/{cfg.name}/seed{seed}"] = hist
         finals.append(hist[-1])
         if s == 0:
@@ -138,21 +142,18 @@ def main(argv=None):
                   f"{pname}/{cfg.name}/seed{args.seed + s}"])
               for s in range(args.seeds)])),
           mean_step_size=float(np.mean([f["step_size"] for f in finals]))))
-    train_lib.plot_runs(per_opt, workdir / f"{pname}.png",
-                        train_key="train_loss", val_key="val_loss",
-                        val_label="test loss",
-                        title=f"Matrix factorisation, {pname}")
+    plots.plot_runs(per_opt, workdir / f"{pname}.png",
+                    train_key="train_loss", val_key="val_loss",
+                    val_label="test loss",
+                    title=f"Matrix factorisation, {pname}")
   _figure2(histories, args, workdir / "figure2.png")
-  table = train_lib.format_table(
-      rows, ["problem", "optimiser", "loss_floor", "train_loss",
-             "best_train_loss",
-             "test_loss", "mean_step_size"])
-  print(f"\nMatrix factorisation, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {args.seeds} seed(s), "
-        f"{time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlots: {workdir / 'figure2.png'} and {workdir}/<problem>.png")
-  cli.write_summary(workdir, table, histories, {"rows": rows})
+  report.summarise(
+      workdir, f"Matrix factorisation, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {args.seeds} seed(s), "
+      f"{time.time() - t_start:.0f} s", rows,
+      ["problem", "optimiser", "loss_floor", "train_loss", "best_train_loss",
+       "test_loss", "mean_step_size"], histories,
+      f"Plots: {workdir / 'figure2.png'} and {workdir}/<problem>.png")
   return rows
 
 

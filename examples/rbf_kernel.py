@@ -29,19 +29,21 @@ References:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
 import time
-
-import numpy as np
-import optax
+from typing import Optional
 
 from examples.common import cli
 from examples.common import data as data_lib
+from examples.common import loop
 from examples.common import models
-from examples.common import train as train_lib
+from examples.common import optimizers
+from examples.common import plots
+from examples.common import problems
+from examples.common import report
 
-SIGMAS = {"mushrooms": 0.5, "ijcnn1": 0.05}
+SIGMAS = problems.RBF_SIGMAS
 # Powers of ten picked on the validation accuracy of seed 0 (10 epochs on
 # mushrooms, 5 on ijcnn1; the same values won on both). RBF features are
 # small, so gradients are too: the Polyak step sizes stay well below these
@@ -50,17 +52,26 @@ DEFAULT_LRS = {"aalig": 1000.0, "alig": 1000.0, "sps": 1000.0, "adam": 0.1,
                "sgd": 1000.0}
 
 
-def logistic_loss(logits, y):
-  """Per-example logistic loss; labels in {0, 1}."""
-  return optax.sigmoid_binary_cross_entropy(logits, y)
 
 
-def accuracy(logits, y):
-  return ((logits > 0).astype(y.dtype) == y).astype(np.float32)
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  epochs: int = 10
+  batch_size: int = 100
+  optimisers: str = ",".join(optimizers.OPTIMISERS)
+  # Kernel centres (random training points); 0: all (the exact kernel);
+  # -1: all up to 10,000 training points, else 2,000.
+  num_centres: int = -1
+  max_val: Optional[int] = 10000
+
+
+CPU = Preset()
+PAPER = Preset(epochs=35, num_centres=0, max_val=None)  # Exact kernels.
+PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
 def make_problem(name: str, num_centres=None, max_val=None, seed: int = 0,
-                 max_train=None) -> train_lib.Problem:
+                 max_train=None) -> problems.Problem:
   """The RBF-feature logistic regression problem on LIBSVM set `name`.
 
   Args:
@@ -72,50 +83,39 @@ def make_problem(name: str, num_centres=None, max_val=None, seed: int = 0,
     max_train: keep at most this many training points (quick runs).
 
   Returns:
-    A :class:`~examples.common.train.Problem` whose inputs are RBF features.
+    A :class:`~examples.common.problems.Problem` whose inputs are RBF features.
   """
   raw = data_lib.load_libsvm(name)
   x_tr, y_tr = raw.x_train[:max_train], raw.y_train[:max_train]
   x_te, y_te = raw.x_test[:max_val], raw.y_test[:max_val]
-  if num_centres is None or num_centres >= len(x_tr):
-    centres = x_tr
-  else:
-    pick = np.random.default_rng(seed).choice(len(x_tr), num_centres,
-                                              replace=False)
-    centres = x_tr[np.sort(pick)]
+  centres = problems.rbf_centres(x_tr, num_centres, seed)
   sigma = SIGMAS[name]
   feats = data_lib.ArrayDataset(
       data_lib.rbf_features(x_tr, centres, sigma), y_tr,
       data_lib.rbf_features(x_te, centres, sigma), y_te, 2, name)
-  return train_lib.Problem(
+  return problems.Problem(
       data=feats,
       # No bias, as a kernel model: with the exact kernel each point's own
       # similarity K(x, x) = 1 is a feature. (A bias let the Polyak steps
       # chase it, and lowered the validation accuracy in our runs.)
       make_model=lambda rngs: models.LinearModel(len(centres), use_bias=False,
                                                  rngs=rngs),
-      per_example_loss=logistic_loss, accuracy=accuracy, name=name)
+      per_example_loss=problems.logistic_loss,
+      accuracy=problems.binary_accuracy, name=name)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  cli.add_common_args(parser, epochs=10, batch_size=100,
-                      optimisers=train_lib.OPTIMISERS,
-                      workdir="runs/rbf_kernel")
+  parser = cli.make_parser(__doc__, presets=PRESETS, workdir="runs/rbf_kernel")
   parser.add_argument("--datasets", default="mushrooms,ijcnn1")
-  parser.add_argument("--num-centres", type=int, default=-1,
-                      help="kernel centres (random training points); 0: all "
-                      "(the exact kernel); -1: all up to 10,000 training "
-                      "points, else 2,000")
-  parser.add_argument("--max-val", type=int, default=10000)
+  cli.preset_arg(parser, "--num-centres", PRESETS, type=int,
+                 help="kernel centres (random training points); 0: all "
+                 "(the exact kernel); -1: all up to 10,000 training "
+                 "points, else 2,000")
+  cli.preset_arg(parser, "--max-val", PRESETS, type=int)
   parser.add_argument("--max-train", type=int, default=None)
   parser.add_argument("--momentum", type=float, default=0.0)
-  parser.add_argument("--paper", action="store_true",
-                      help="full kernels, full validation sets, 35 epochs")
-  args = parser.parse_args(argv)
+  args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)
-  if args.paper:
-    args.num_centres, args.max_val, args.epochs = 0, None, 35
   configs = cli.optimiser_configs(args, DEFAULT_LRS,
                                   common=dict(momentum=args.momentum))
   workdir = pathlib.Path(args.workdir)
@@ -134,12 +134,11 @@ def main(argv=None):
           f"(sigma={SIGMAS[name]}), {len(problem.data.y_test)} validation")
     per_opt = {}
     for cfg in configs:
+      ctx = cli.run_context(args, problem.data.num_train)
       with cli.clear_errors():
-        _, hist = train_lib.train_supervised(
-            problem, cfg, batch_size=args.batch_size, num_epochs=args.epochs,
-            seed=args.seed, workdir=workdir / name / cfg.name,
-            resume=args.resume, overwrite=args.overwrite, eval_train=True,
-            verbose=not args.quiet, max_steps_per_epoch=args.steps_per_epoch)
+        _, hist = loop.train_supervised(
+            problem, cfg, ctx, cli.run_of(args, workdir / name / cfg.name),
+            eval_train=True)
       per_opt[cfg.label] = hist
       histories[f"{name}/{cfg.name}"] = hist
       last = hist[-1]
@@ -148,18 +147,15 @@ def main(argv=None):
                        train_acc=last["train_acc"],
                        val_loss=last["val_loss"], val_acc=last["val_acc"],
                        best_val_acc=max(r["val_acc"] for r in hist)))
-    train_lib.plot_runs(per_opt, workdir / f"{name}.png",
-                        train_key="train_loss", val_key="val_acc",
-                        val_label="validation accuracy",
-                        title=f"RBF kernel logistic regression, {name}")
-  table = train_lib.format_table(
-      rows, ["dataset", "optimiser", "train_loss", "train_acc", "val_loss",
-             "val_acc", "best_val_acc"])
-  print(f"\nRBF kernel classification, {args.epochs} epochs, batch "
-        f"{args.batch_size}, {time.time() - t_start:.0f} s\n")
-  print(table)
-  print(f"\nPlots: {workdir}/<dataset>.png")
-  cli.write_summary(workdir, table, histories, {"rows": rows})
+    plots.plot_runs(per_opt, workdir / f"{name}.png",
+                    train_key="train_loss", val_key="val_acc",
+                    val_label="validation accuracy",
+                    title=f"RBF kernel logistic regression, {name}")
+  report.summarise(
+      workdir, f"RBF kernel classification, {args.epochs} epochs, batch "
+      f"{args.batch_size}, {time.time() - t_start:.0f} s", rows,
+      ["dataset", "optimiser", "train_loss", "train_acc", "val_loss",
+       "val_acc", "best_val_acc"], histories, f"Plots: {workdir}/<dataset>.png")
   return rows
 
 

@@ -23,12 +23,14 @@ pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
+from examples.common import images  # noqa: E402
+from examples.common import loop  # noqa: E402
 from examples.common import models  # noqa: E402
-from examples.common import train as train_lib  # noqa: E402
+from examples.common import optimizers  # noqa: E402
 
 # Every example's train step must compile once per run.
 pytestmark = pytest.mark.filterwarnings(
-    "error::examples.common.train.RecompileWarning")
+    "error::examples.common.loop.RecompileWarning")
 
 
 def _falls(history, key):
@@ -81,7 +83,7 @@ def test_fashion_mnist_idx_reader(tmp_path):
   for split in ("train", "t10k"):
     write(f"{split}-images-idx3-ubyte.gz", imgs)
     write(f"{split}-labels-idx1-ubyte.gz", labels)
-  d = data_lib.load_fashion_mnist(tmp_path)
+  d = images.load_fashion_mnist(tmp_path)
   assert d.x_train.shape == (7, 28, 28, 1)
   np.testing.assert_array_equal(d.x_train[..., 0], imgs)
   np.testing.assert_array_equal(d.y_test, labels)
@@ -120,11 +122,11 @@ def test_fit_compiles_once_and_donates_the_state(tmp_path):
 
   data = {"x": jnp.ones((10, 3))}
   with warnings.catch_warnings():
-    warnings.simplefilter("error", train_lib.RecompileWarning)
+    warnings.simplefilter("error", loop.RecompileWarning)
     # 10 examples in batches of 4: the last batch is padded, same shape.
-    out, hist = train_lib.fit(state, step, data, num_examples=10,
-                              batch_size=4, num_epochs=2, seed=0,
-                              workdir=tmp_path, verbose=False)
+    ctx = optimizers.RunContext.create(10, 4, 2)
+    out, hist = loop.fit(state, step, data, ctx,
+                         loop.Run(tmp_path, seed=0, verbose=False))
   assert first.is_deleted()  # Donated to the first step.
   assert int(out["n"]) == 6 and len(hist) == 2
   assert len(hist[0]["trace_loss"]) == 3
@@ -157,17 +159,19 @@ def test_resume_is_exact(tmp_path, opt):
   from examples import matrix_factorisation
   problem = matrix_factorisation.make_problem(4, 0)
   # Two AOV sections of 2 epochs: the resumed epoch ends a section.
-  cfg = train_lib.OptConfig(opt, 1.0, momentum=0.9, sections=2)
-  kw = dict(batch_size=100, num_epochs=4, seed=0, eval_train=True,
-            verbose=False)
-  full, hist_full = train_lib.train_supervised(
-      problem, cfg, workdir=tmp_path / "full", **kw)
+  cfg = optimizers.OptConfig(opt, 1.0, momentum=0.9)
+  ctx = optimizers.RunContext.create(problem.data.num_train, 100, 4,
+                                     sections=2)
+  assert ctx.epochs_per_section == 2
+  train = lambda workdir, resume=False: loop.train_supervised(
+      problem, cfg, ctx, loop.Run(workdir, seed=0, resume=resume,
+                                  verbose=False), eval_train=True)
+  full, hist_full = train(tmp_path / "full")
   # A run "killed" after epoch 3: drop its last checkpoint (Orbax step 3).
   run = tmp_path / "killed"
-  _, hist_killed = train_lib.train_supervised(problem, cfg, workdir=run, **kw)
+  _, hist_killed = train(run)
   shutil.rmtree(run / "ckpt" / "3")
-  resumed, hist_res = train_lib.train_supervised(
-      problem, cfg, workdir=run, resume=True, **kw)
+  resumed, hist_res = train(run, resume=True)
   # Epochs 1-3 came from the checkpoint (same timings), epoch 4 was rerun.
   assert [r["seconds"] for r in hist_res[:3]] == [
       r["seconds"] for r in hist_killed[:3]]
@@ -231,7 +235,7 @@ def test_char_rnn_example(tmp_path):
 def test_tfds_pipeline_indices_unique_and_stable():
   tfds = _tfds()
   with tfds.testing.mock_data(num_examples=50):
-    d = data_lib.load_tfds_images("cifar10")
+    d = images.load_tfds_images("cifar10")
     source = tfds.data_source("cifar10", split="train")
     assert d.num_train == len(source) == 50
     # Position i of the arrays is record i of the TFDS split.
@@ -291,16 +295,19 @@ def test_linen_example_on_mock_tfds(tmp_path):
                                            ("sgd", "constant")])
 def test_logged_step_size_follows_the_schedule(name, schedule):
   import jax.numpy as jnp
-  cfg = train_lib.OptConfig(name, 0.1, momentum=0.9 if name == "sgd" else 0,
-                            schedule=schedule)
-  tx = train_lib.make_optimizer(cfg, num_examples=8, steps_per_epoch=2,
-                                num_epochs=4)
+  cfg = optimizers.OptConfig(name, 0.1,
+                             momentum=0.9 if name == "sgd" else 0,
+                             schedule=schedule)
+  ctx = optimizers.RunContext.create(8, 4, 4)
+  assert ctx.total_steps == 8
+  tx = optimizers.make_optimizer(cfg, ctx)
   params = jnp.ones(3)
   state = tx.init(params)
   sizes = []
   for _ in range(8):
     _, state = tx.update(jnp.ones(3), state, params)
-    sizes.append(float(train_lib.logged_step_size(cfg, state, None, 0.0, 8)))
+    sizes.append(float(optimizers.logged_step_size(cfg, state, None, 0.0,
+                                                   ctx)))
   # Divided by 10 at half and three quarters of the 8 steps.
   want = [0.1] * 8 if schedule == "constant" else (
       [0.1] * 4 + [0.01] * 2 + [0.001] * 2)

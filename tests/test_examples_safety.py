@@ -32,10 +32,13 @@ pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
 from examples.common import download  # noqa: E402
-from examples.common import train as train_lib  # noqa: E402
+from examples.common import images  # noqa: E402
+from examples.common import loop  # noqa: E402
+from examples.common import optimizers  # noqa: E402
+from examples.common import text as text_lib  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
-    "error::examples.common.train.RecompileWarning")
+    "error::examples.common.loop.RecompileWarning")
 
 ALL_EXAMPLES = ("matrix_factorisation", "rbf_kernel", "image_classification",
                 "char_rnn", "linen_mlp")
@@ -64,7 +67,7 @@ def offline(tmp_path, monkeypatch):
   monkeypatch.setenv("AALIG_DATA_DIR", str(data_dir))
   monkeypatch.setenv("AALIG_CACHE_DIR", str(cache))
   monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", tmp_path / "no_shared")
-  monkeypatch.setattr(data_lib, "FASHION_MNIST_DIR", tmp_path / "no_debian")
+  monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path / "no_debian")
   calls = []
 
   def no_network(url, path):
@@ -164,15 +167,16 @@ def test_fit_refuses_to_replace_checkpoints_unless_overwrite(tmp_path):
     return new, dict(loss=jnp.sum(new["w"]), step_size=jnp.float32(0.1),
                      count=jnp.sum(mask, dtype=jnp.float32))
 
-  kw = dict(num_examples=8, batch_size=4, num_epochs=1, seed=0,
-            workdir=tmp_path, verbose=False)
+  ctx = optimizers.RunContext.create(8, 4, 1)
+  run = loop.Run(tmp_path, seed=0, verbose=False)
   data = {"x": jnp.ones((8, 2))}
-  train_lib.fit({"w": jnp.zeros(2)}, step, data, **kw)
+  loop.fit({"w": jnp.zeros(2)}, step, data, ctx, run)
   before = _snapshot(tmp_path)
   with pytest.raises(FileExistsError, match="--overwrite"):
-    train_lib.fit({"w": jnp.zeros(2)}, step, data, **kw)
+    loop.fit({"w": jnp.zeros(2)}, step, data, ctx, run)
   assert _snapshot(tmp_path) == before
-  train_lib.fit({"w": jnp.zeros(2)}, step, data, overwrite=True, **kw)
+  loop.fit({"w": jnp.zeros(2)}, step, data, ctx,
+           loop.Run(tmp_path, seed=0, overwrite=True, verbose=False))
 
 
 # --------------------------------------------------------------------------
@@ -201,7 +205,7 @@ def test_network_failure_names_file_url_and_data_dir(offline):
   assert "Temporary failure in name resolution" in msg
   assert not cache.exists() or not any(cache.iterdir())
   with pytest.raises(download.DataUnavailableError, match="AALIG_DATA_DIR"):
-    data_lib.load_text("tiny_shakespeare")
+    text_lib.load_text("tiny_shakespeare")
 
 
 def test_truncated_download_is_rejected_and_nothing_cached(offline,
@@ -281,10 +285,10 @@ def test_aalig_data_dir_is_looked_in_first(tmp_path, monkeypatch, offline):
   monkeypatch.setitem(download.KNOWN_SHA256, "tinyshakespeare.txt",
                       _sha(b"from the shared folder"))
   monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", shared)
-  assert "".join(data_lib.load_text("tiny_shakespeare").vocab) == "".join(
+  assert "".join(text_lib.load_text("tiny_shakespeare").vocab) == "".join(
       sorted(set("from the shared folder")))
   (data_dir / "tinyshakespeare.txt").write_text("zzz yours")
-  assert data_lib.load_text("tiny_shakespeare").vocab == [" ", "o", "r",
+  assert text_lib.load_text("tiny_shakespeare").vocab == [" ", "o", "r",
                                                           "s", "u", "y",
                                                           "z"]
   assert not calls
@@ -320,7 +324,7 @@ def _fake_fashion_mnist(n_train=12, n_test=6, top_label=9):
 def small_fashion_mnist(monkeypatch):
   """Fake files of 12/6 images, the expected sizes and digests to match."""
   files = _fake_fashion_mnist()
-  monkeypatch.setattr(data_lib, "FASHION_MNIST_SIZES",
+  monkeypatch.setattr(images, "FASHION_MNIST_SIZES",
                       {"train": 12, "t10k": 6})
   for name, data in files.items():
     monkeypatch.setitem(download.KNOWN_SHA256, name, _sha(data))
@@ -329,11 +333,11 @@ def small_fashion_mnist(monkeypatch):
 
 def test_fashion_mnist_offline_is_one_clear_sentence(offline):
   with pytest.raises(download.DataUnavailableError) as err:
-    data_lib.load_image_dataset("fashion_mnist")
+    images.load_image_dataset("fashion_mnist")
   msg = str(err.value)
   assert "apt-get install dataset-fashion-mnist" in msg
   assert "AALIG_DATA_DIR" in msg and all(n in msg for n in FM_NAMES)
-  assert data_lib.FASHION_MNIST_URL in msg
+  assert images.FASHION_MNIST_URL in msg
   assert msg.count(". ") == 0 and "\n" not in msg
 
 
@@ -354,14 +358,14 @@ def test_fashion_mnist_is_downloaded_verified_and_cached(
   _, cache, _ = offline
   calls = []
   _serve(monkeypatch, small_fashion_mnist, calls)
-  d = data_lib.load_image_dataset("fashion_mnist")
+  d = images.load_image_dataset("fashion_mnist")
   assert d.x_train.shape == (12, 28, 28, 1) and d.y_test.shape == (6,)
-  assert sorted(calls) == sorted(data_lib.FASHION_MNIST_URL + n
+  assert sorted(calls) == sorted(images.FASHION_MNIST_URL + n
                                  for n in FM_NAMES)
   folder = cache / "fashion_mnist"
   assert sorted(p.name for p in folder.iterdir()) == sorted(FM_NAMES)
   _serve(monkeypatch, {}, calls)  # Any further fetch would fail.
-  again = data_lib.load_image_dataset("fashion_mnist", max_train=5)
+  again = images.load_image_dataset("fashion_mnist", max_train=5)
   assert again.num_train == 5 and len(calls) == 4
 
 
@@ -373,7 +377,7 @@ def test_fashion_mnist_download_with_wrong_digest_is_rejected(
   _serve(monkeypatch, altered)
   with pytest.raises(download.DataUnavailableError,
                      match="t10k-labels-idx1-ubyte.gz"):
-    data_lib.load_image_dataset("fashion_mnist")
+    images.load_image_dataset("fashion_mnist")
   assert not (cache / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz").exists()
 
 
@@ -384,12 +388,12 @@ def test_fashion_mnist_from_aalig_data_dir_checks_the_arrays(
     # Re-compressed, as Debian's are: no digest applies, the arrays do.
     (data_dir / name).write_bytes(gzip.compress(gzip.decompress(data),
                                                 mtime=1))
-  d = data_lib.load_image_dataset("fashion_mnist")
+  d = images.load_image_dataset("fashion_mnist")
   assert d.num_train == 12 and not calls
   (data_dir / FM_NAMES[1]).write_bytes(_fake_fashion_mnist(
       top_label=11)[FM_NAMES[1]])
   with pytest.raises(download.DataUnavailableError, match="label"):
-    data_lib.load_image_dataset("fashion_mnist")
+    images.load_image_dataset("fashion_mnist")
 
 
 def test_fashion_mnist_from_debian_folder(tmp_path, monkeypatch, offline,
@@ -398,14 +402,14 @@ def test_fashion_mnist_from_debian_folder(tmp_path, monkeypatch, offline,
   debian.mkdir()
   for name, data in small_fashion_mnist.items():
     (debian / name).write_bytes(data)
-  monkeypatch.setattr(data_lib, "FASHION_MNIST_DIR", debian)
-  assert data_lib.load_image_dataset("fashion_mnist").num_train == 12
+  monkeypatch.setattr(images, "FASHION_MNIST_DIR", debian)
+  assert images.load_image_dataset("fashion_mnist").num_train == 12
 
 
 def test_tfds_not_prepared_is_one_clear_sentence(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(download.DataUnavailableError) as err:
-    data_lib.load_tfds_images("fashion_mnist", data_dir=tmp_path / "tfds")
+    images.load_tfds_images("fashion_mnist", data_dir=tmp_path / "tfds")
   msg = str(err.value)
   assert "--download" in msg and "tensorflow" in msg
   assert "not prepared" in msg and "\n" not in msg

@@ -4,22 +4,53 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import pathlib
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Optional
 
+from examples.common import checkpoint
 from examples.common import download
-from examples.common import train as train_lib
+from examples.common import images
+from examples.common import optimizers
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, epochs: int,
-                    batch_size: int, optimisers: Sequence[str],
-                    workdir: str, quiet: bool = False) -> None:
-  """Adds the flags every example has; `quiet` is the default of --quiet."""
-  parser.add_argument("--epochs", type=int, default=epochs)
-  parser.add_argument("--batch-size", type=int, default=batch_size)
-  parser.add_argument("--optimisers", default=",".join(optimisers),
-                      help=f"comma-separated, from {train_lib.OPTIMISERS}")
+def preset_arg(parser: argparse.ArgumentParser, flag: str,
+               presets: Mapping[str, Any], help: str = "", **kwargs
+               ) -> None:  # pylint: disable=redefined-builtin
+  """A flag whose default is its field in the chosen preset.
+
+  Left out on the command line, the flag takes its value from the preset
+  that :func:`parse` picks (``PAPER`` with ``--paper``, else ``CPU``); given,
+  it wins over both.
+  """
+  dest = flag.lstrip("-").replace("-", "_")
+  values = {name: getattr(p, dest) for name, p in presets.items()}
+  shown = ", ".join(f"{name} {v!r}" for name, v in values.items()
+                    if name == "CPU" or v != values["CPU"])
+  parser.add_argument(flag, default=argparse.SUPPRESS,
+                      help=f"{help} (default: {shown})".lstrip(), **kwargs)
+
+
+def make_parser(doc: str, *, presets: Mapping[str, Any], workdir: str,
+                quiet: bool = False) -> argparse.ArgumentParser:
+  """An example's parser with the flags every example has.
+
+  Args:
+    doc: the script's docstring (its first line describes the script).
+    presets: ``"CPU"`` (and ``"PAPER"``, which adds ``--paper``) to frozen
+      dataclasses with at least ``epochs``, ``batch_size`` and
+      ``optimisers`` fields: the defaults of those flags (see :func:`parse`).
+    workdir: the default of --workdir.
+    quiet: the default of --quiet.
+  """
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+  preset_arg(parser, "--epochs", presets, type=int)
+  preset_arg(parser, "--batch-size", presets, type=int)
+  preset_arg(parser, "--optimisers", presets,
+             help=f"comma-separated, from {optimizers.OPTIMISERS}")
+  if "PAPER" in presets:
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's settings: the PAPER preset")
   parser.add_argument("--lr", action="append", default=[],
                       metavar="NAME=VALUE",
                       help="override an optimiser's (maximal) step size, "
@@ -43,6 +74,55 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int,
   parser.add_argument("--verbose", dest="quiet", action="store_false",
                       help="one line of metrics per epoch" + (
                           "" if quiet else " (default)"))
+  return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv, presets: Mapping[str, Any]
+          ) -> argparse.Namespace:
+  """Parses `argv`; flags left out take the chosen preset's values."""
+  args = parser.parse_args(argv)
+  preset = presets["PAPER" if getattr(args, "paper", False) else "CPU"]
+  for field in dataclasses.fields(preset):
+    if not hasattr(args, field.name):
+      setattr(args, field.name, getattr(preset, field.name))
+  return args
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreset:
+  """The presets of the image examples (see :func:`add_image_args`)."""
+  epochs: int
+  optimisers: str
+  batch_size: int = 128
+  max_train: int = 0  # Train on the first N images (0: all).
+  max_test: int = 0  # Evaluate on the first N test images (0: all).
+
+
+def add_image_args(parser: argparse.ArgumentParser,
+                   presets: Mapping[str, Any]) -> None:
+  """The image examples' data flags; their presets have max_train/max_test."""
+  parser.add_argument("--dataset", default="fashion_mnist")
+  preset_arg(parser, "--max-train", presets, type=int,
+             help="train on the first N images (0: all)")
+  preset_arg(parser, "--max-test", presets, type=int,
+             help="evaluate on the first N test images (0: all)")
+  parser.add_argument("--download", action="store_true",
+                      help="let TFDS download and prepare the data set "
+                      "(needs tensorflow and a network)")
+  parser.add_argument("--tfds", action="store_true",
+                      help="read fashion_mnist from TFDS too (other data "
+                      "sets always are)")
+
+
+def load_images(args):
+  """The image data set of :func:`add_image_args`' flags."""
+  kwargs = dict(max_train=args.max_train or None,
+                max_test=args.max_test or None)
+  if args.download:
+    kwargs["download"] = True
+  with clear_errors():
+    return images.load_image_dataset(
+        args.dataset, source="tfds" if args.tfds else "auto", **kwargs)
 
 
 def check_workdir(args) -> None:
@@ -62,7 +142,7 @@ def check_workdir(args) -> None:
   if args.resume or args.overwrite:
     return
   workdir = pathlib.Path(args.workdir)
-  found = train_lib.previous_run_files(workdir)
+  found = checkpoint.previous_run_files(workdir)
   if found:
     shown = ", ".join(str(p.relative_to(workdir)) for p in found[:3])
     more = f" and {len(found) - 3} more" if len(found) > 3 else ""
@@ -77,17 +157,17 @@ def clear_errors():
   """Turns missing data and existing runs into one-line exits.
 
   Inside this block a :class:`~examples.common.download.DataUnavailableError`
-  or :class:`~examples.common.train.RunExistsError` ends the script with its
-  message alone: it already says what to do, a traceback would bury it.
+  or :class:`~examples.common.checkpoint.RunExistsError` ends the script with
+  its message alone: it already says what to do, a traceback would bury it.
   """
   try:
     yield
-  except (download.DataUnavailableError, train_lib.RunExistsError) as e:
+  except (download.DataUnavailableError, checkpoint.RunExistsError) as e:
     raise SystemExit(f"error: {e}") from e
 
 
 def optimiser_configs(args, default_lrs: Mapping[str, float],
-                      **kwargs) -> list[train_lib.OptConfig]:
+                      **kwargs) -> list[optimizers.OptConfig]:
   """The OptConfigs selected by ``--optimisers`` and ``--lr``."""
   lrs = dict(default_lrs)
   for item in args.lr:
@@ -96,20 +176,30 @@ def optimiser_configs(args, default_lrs: Mapping[str, float],
   configs = []
   for name in args.optimisers.split(","):
     name = name.strip()
-    if name not in train_lib.OPTIMISERS:
+    if name not in optimizers.OPTIMISERS:
       raise SystemExit(f"unknown optimiser {name!r}; one of "
-                       f"{train_lib.OPTIMISERS}")
+                       f"{optimizers.OPTIMISERS}")
     extra = dict(kwargs.get("common", {}))
     extra.update(kwargs.get(name, {}))
-    configs.append(train_lib.OptConfig(name, lrs[name], **extra))
+    configs.append(optimizers.OptConfig(name, lrs[name], **extra))
   return configs
 
 
-def write_summary(workdir, table: str, histories, extra: dict = None) -> None:
-  """Writes ``results.md`` and ``results.json`` into `workdir`."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "results.md").write_text(table + "\n")
-  payload = {"histories": histories}
-  payload.update(extra or {})
-  (workdir / "results.json").write_text(json.dumps(payload, indent=1))
+def run_context(args, num_examples: int, *, sections: int = 10
+                ) -> optimizers.RunContext:
+  """The run of --epochs epochs of --batch-size over `num_examples`.
+
+  ``--steps-per-epoch`` cuts the epochs short; the optimiser and the loop
+  get this one object.
+  """
+  return optimizers.RunContext.create(
+      num_examples, args.batch_size, args.epochs, sections=sections,
+      max_steps_per_epoch=args.steps_per_epoch)
+
+
+def run_of(args, workdir, seed: Optional[int] = None) -> checkpoint.Run:
+  """A run in `workdir` with --seed (or `seed`), --resume, --overwrite."""
+  return checkpoint.Run(pathlib.Path(workdir),
+                        args.seed if seed is None else seed,
+                        resume=args.resume, overwrite=args.overwrite,
+                        verbose=not args.quiet)

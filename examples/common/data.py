@@ -11,11 +11,10 @@ as they are), then in ``../shared/data/`` relative to the project root (the
 offline copies, checked against their SHA-256), then in :func:`cache_dir`;
 otherwise they are downloaded into the cache with
 :mod:`examples.common.download`, which verifies every file before it is
-used. Fashion-MNIST is also read from Debian's ``dataset-fashion-mnist``
-package; other image sets come from tensorflow-datasets
-(``tfds.data_source``, no TensorFlow needed). A file that cannot be found or
-verified raises :class:`DataUnavailableError`, one sentence saying how to
-provide it.
+used. A file that cannot be found or verified raises
+:class:`DataUnavailableError`, one sentence saying how to provide it. Image
+sets are loaded by :mod:`examples.common.images`, texts by
+:mod:`examples.common.text`.
 
 References:
   Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", Sec. 5;
@@ -42,16 +41,11 @@ from examples.common.download import DataUnavailableError
 __all__ = [
     "ArrayDataset",
     "DataUnavailableError",
-    "TextData",
     "cache_dir",
     "epoch_batches",
-    "load_fashion_mnist",
     "load_libsvm",
     "load_matrix_factorisation",
     "load_svmlight",
-    "load_text",
-    "load_tfds_images",
-    "load_image_dataset",
     "rbf_features",
     "shared_data_dir",
     "train_test_split",
@@ -60,17 +54,6 @@ __all__ = [
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The offline copies (read-only, never copied into the project).
 SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
-# Zalando's release files, the URL torchvision and TFDS download them from
-# (the digests in download.KNOWN_SHA256 are TFDS's for this URL).
-FASHION_MNIST_URL = ("http://fashion-mnist.s3-website.eu-central-1"
-                     ".amazonaws.com/")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz",
-                       "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz",
-                       "t10k-labels-idx1-ubyte.gz")
-# Images per split of the real data set, checked on the default path.
-FASHION_MNIST_SIZES = {"train": 60_000, "t10k": 10_000}
 LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
 
 
@@ -116,19 +99,19 @@ def cache_dir() -> pathlib.Path:
       "AALIG_CACHE_DIR", pathlib.Path.home() / ".cache" / "aalig_optax"))
 
 
-def _user_dirs(data_dir=None) -> list[pathlib.Path]:
+def user_dirs(data_dir=None) -> list[pathlib.Path]:
   """Folders of files the user provides: `data_dir`, ``$AALIG_DATA_DIR``."""
   env = os.environ.get("AALIG_DATA_DIR")
   return [pathlib.Path(d) for d in (data_dir, env) if d]
 
 
-def _find(names, data_dir=None) -> Optional[pathlib.Path]:
+def find_file(names, data_dir=None) -> Optional[pathlib.Path]:
   """The first of `names` in the user's folders, else in the shared folder.
 
   A user's file is used as it is (their choice, e.g. a variant of the data);
   a shared offline copy must have its known digest.
   """
-  for folder in _user_dirs(data_dir):
+  for folder in user_dirs(data_dir):
     for name in names:
       if (folder / name).is_file():
         return folder / name
@@ -286,7 +269,7 @@ _LIBSVM_FILES = {
 
 def _libsvm_path(name: str, data_dir=None) -> pathlib.Path:
   local, remote, shape = _LIBSVM_FILES[name]
-  found = _find((local, remote), data_dir)
+  found = find_file((local, remote), data_dir)
   if found is not None:
     return found
 
@@ -360,319 +343,3 @@ def rbf_features(x: np.ndarray, centres: np.ndarray, sigma: float,
     d2 = np.sum(xb * xb, axis=1)[:, None] + c_sq[None, :] - 2.0 * xb @ c.T
     out[s:s + chunk] = np.exp(-np.maximum(d2, 0.0) / (2.0 * sigma ** 2))
   return out
-
-
-# --------------------------------------------------------------------------
-# Images.
-
-
-def _read_idx(path: pathlib.Path) -> np.ndarray:
-  try:
-    with gzip.open(path, "rb") as f:
-      raw = f.read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(
-        tuple(int(d) for d in dims))
-  except (OSError, EOFError, ValueError, IndexError) as e:  # Truncated, ...
-    raise DataUnavailableError(
-        f"{path} is not a complete IDX .gz file ({e}): replace it with the "
-        "release file.") from e
-
-
-def _fashion_mnist_folder() -> pathlib.Path:
-  """The folder of the four Fashion-MNIST files, downloading if need be.
-
-  Looks in ``$AALIG_DATA_DIR``, Debian's folder and the cache, in this
-  order, for a folder holding all four; else downloads them into
-  ``<cache>/fashion_mnist``, each verified against its SHA-256.
-  """
-  user = _user_dirs()
-  for folder in user + [FASHION_MNIST_DIR]:
-    if all((folder / f).is_file() for f in FASHION_MNIST_FILES):
-      return folder
-  folder = cache_dir() / "fashion_mnist"
-  try:
-    for f in FASHION_MNIST_FILES:
-      download.download(FASHION_MNIST_URL + f, folder / f)
-  except DataUnavailableError as e:
-    where = (f"the folder named by AALIG_DATA_DIR ({user[0]})" if user
-             else "a folder named by the environment variable "
-             "AALIG_DATA_DIR")
-    raise DataUnavailableError(
-        "Fashion-MNIST is not on this machine and could not be downloaded "
-        f"({e.reason}): install Debian's package (`apt-get install "
-        f"dataset-fashion-mnist`, files in {FASHION_MNIST_DIR}), or put "
-        f"{', '.join(FASHION_MNIST_FILES)} in {where}, or rerun with a "
-        f"network connection to download them from {FASHION_MNIST_URL}"
-        ) from e
-  return folder
-
-
-def _check_fashion_mnist(data: ArrayDataset, folder: pathlib.Path,
-                         sizes: Optional[dict]) -> None:
-  """Rejects arrays that are not Fashion-MNIST's (wrong files, truncation)."""
-  for split, x, y in (("train", data.x_train, data.y_train),
-                      ("t10k", data.x_test, data.y_test)):
-    n = sizes[split] if sizes else len(y)
-    if x.shape != (n, 28, 28, 1) or y.shape != (n,):
-      raise DataUnavailableError(
-          f"the Fashion-MNIST {split} files in {folder} hold images "
-          f"{x.shape[:3]} and labels {y.shape}, expected ({n}, 28, 28) and "
-          f"({n},): replace them with the release files.")
-    if y.size and (y.min() < 0 or y.max() > 9):
-      raise DataUnavailableError(
-          f"the Fashion-MNIST {split} labels in {folder} range over "
-          f"[{y.min()}, {y.max()}], expected [0, 9]: replace them with the "
-          "release files.")
-
-
-def load_fashion_mnist(data_dir=None) -> ArrayDataset:
-  """Fashion-MNIST from its four IDX ``.gz`` files.
-
-  Where the files come from, the first that has all four:
-  `data_dir` if given (only there); ``$AALIG_DATA_DIR``; Debian's
-  ``/usr/share/datasets/fashion-mnist`` (``apt-get install
-  dataset-fashion-mnist``); the cache; else Zalando's release files are
-  downloaded into the cache, each checked against its SHA-256. Debian's
-  files are re-compressed (other digests than the release's), so files
-  found in a folder are checked by their decoded arrays instead: 60,000 /
-  10,000 images of 28 x 28 with labels in [0, 9].
-
-  Args:
-    data_dir: a folder with ``train-images-idx3-ubyte.gz``,
-      ``train-labels-idx1-ubyte.gz``, ``t10k-images-idx3-ubyte.gz`` and
-      ``t10k-labels-idx1-ubyte.gz`` (any number of images, e.g. a subset).
-
-  Returns:
-    An :class:`ArrayDataset`: uint8 images [n, 28, 28, 1], int32 labels;
-    60,000 train and 10,000 test.
-
-  Raises:
-    FileNotFoundError: if `data_dir` is given and lacks a file.
-    DataUnavailableError: if no folder has the files and they cannot be
-      downloaded (one sentence naming the fixes), or they are not
-      Fashion-MNIST's.
-  """
-  if data_dir:
-    folder = pathlib.Path(data_dir)
-    for f in FASHION_MNIST_FILES:
-      if not (folder / f).exists():
-        raise FileNotFoundError(f"{folder / f} not found")
-  else:
-    folder = _fashion_mnist_folder()
-  arrays = [_read_idx(folder / f) for f in FASHION_MNIST_FILES]
-  data = ArrayDataset(arrays[0][..., None], arrays[1].astype(np.int32),
-                      arrays[2][..., None], arrays[3].astype(np.int32), 10,
-                      "fashion_mnist")
-  _check_fashion_mnist(data, folder, None if data_dir else FASHION_MNIST_SIZES)
-  return data
-
-
-def _tfds_split_arrays(source, max_examples=None):
-  n = len(source) if max_examples is None else min(len(source), max_examples)
-  # Random access by position: the position is the dataset index.
-  try:
-    records = source.__getitems__(list(range(n)))  # Batched read.
-  except (AttributeError, TypeError):  # Mocked sources lack it.
-    records = [source[i] for i in range(n)]
-  images = np.stack([np.asarray(r["image"]) for r in records])
-  labels = np.asarray([int(r["label"]) for r in records], np.int32)
-  return images, labels
-
-
-def load_tfds_images(name: str, train_split: str = "train",
-                     test_split: str = "test", data_dir=None,
-                     max_train: Optional[int] = None,
-                     max_test: Optional[int] = None,
-                     download: bool = False) -> ArrayDataset:
-  """An image classification set from tensorflow-datasets, without TensorFlow.
-
-  Reads with ``tfds.data_source`` (ArrayRecord random access). The dataset
-  index of an example is its position in the split, so it is unique and
-  stable whatever order batches are later drawn in.
-
-  Args:
-    name: a TFDS name with ``image`` and ``label`` features (``cifar10``,
-      ``cifar100``, ``svhn_cropped``, ``fashion_mnist``, ...).
-    train_split, test_split: TFDS split names.
-    data_dir: TFDS data folder (default TFDS's).
-    max_train, max_test: keep only the first examples (for quick runs).
-    download: build the data set if it is not prepared (needs a network).
-
-  Returns:
-    An :class:`ArrayDataset`: uint8 images [n, h, w, c], int32 labels.
-
-  Raises:
-    DataUnavailableError: the data set is not prepared (and `download` is
-      off), or preparing it failed; one sentence saying what to run.
-  """
-  try:
-    import tensorflow_datasets as tfds  # Optional dependency.
-  except ImportError as e:
-    raise DataUnavailableError(
-        f"reading {name} needs tensorflow-datasets: `pip install "
-        "tensorflow-datasets`.") from e
-
-  builder = tfds.builder(name, data_dir=data_dir,
-                         file_format="array_record")
-  folder = data_dir or ("the TFDS data folder ($TFDS_DATA_DIR or "
-                        "~/tensorflow_datasets)")
-  if download:
-    try:
-      builder.download_and_prepare()
-    except Exception as e:  # No TensorFlow, no network, a bad archive, ...
-      raise DataUnavailableError(
-          f"TFDS could not prepare {name} ({type(e).__name__}: {e}): "
-          "preparing needs `pip install tensorflow` and a network "
-          f"connection, or run `tfds build {name}` on a machine that has "
-          f"them and copy the result into {folder}.") from e
-  try:
-    train = tfds.data_source(name, split=train_split, data_dir=data_dir,
-                             download=download)
-    test = tfds.data_source(name, split=test_split, data_dir=data_dir,
-                            download=download)
-  except Exception as e:
-    if builder.is_prepared():
-      raise
-    # Unprepared, TFDS fails deep inside (KeyError "`splits` is empty",
-    # NotImplementedError on a new data_dir, ...): say what to run instead.
-    raise DataUnavailableError(
-        f"the TFDS data set {name} is not prepared in {folder}: rerun with "
-        "--download (download=True), which needs `pip install tensorflow` "
-        f"and a network connection, or run `tfds build {name}` on such a "
-        "machine and copy the result there.") from e
-  x_tr, y_tr = _tfds_split_arrays(train, max_train)
-  x_te, y_te = _tfds_split_arrays(test, max_test)
-  num_classes = builder.info.features["label"].num_classes
-  return ArrayDataset(x_tr, y_tr, x_te, y_te, int(num_classes), name)
-
-
-def load_image_dataset(name: str, source: str = "auto",
-                       **kwargs) -> ArrayDataset:
-  """An image classification set: Fashion-MNIST's files, or TFDS.
-
-  Args:
-    name: ``"fashion_mnist"`` or any TFDS image classification name.
-    source: ``"auto"``: Fashion-MNIST from its IDX files (see
-      :func:`load_fashion_mnist`: ``$AALIG_DATA_DIR``, Debian's package, the
-      cache, else a verified download; no TensorFlow needed), any other
-      name from TFDS; ``"tfds"``: TFDS whatever the name.
-    **kwargs: passed to :func:`load_tfds_images` (for Fashion-MNIST's
-      files, only ``max_train`` and ``max_test`` apply).
-
-  Returns:
-    An :class:`ArrayDataset` of uint8 images and int32 labels.
-
-  Raises:
-    DataUnavailableError: the data are not available (one sentence naming
-      the fixes).
-  """
-  if source not in ("auto", "tfds"):
-    raise ValueError(f"source must be 'auto' or 'tfds', not {source!r}")
-  if name == "fashion_mnist" and source == "auto":
-    data = load_fashion_mnist()
-    mt, me = kwargs.get("max_train"), kwargs.get("max_test")
-    if mt:
-      data.x_train, data.y_train = data.x_train[:mt], data.y_train[:mt]
-    if me:
-      data.x_test, data.y_test = data.x_test[:me], data.y_test[:me]
-    return data
-  return load_tfds_images(name, **kwargs)
-
-
-# --------------------------------------------------------------------------
-# Text (character-level language modelling).
-
-
-@dataclasses.dataclass
-class TextData:
-  """A character-level corpus, encoded.
-
-  Attributes:
-    train, test: int32 character ids.
-    vocab: the characters, id i is ``vocab[i]``.
-    name: a short name.
-  """
-
-  train: np.ndarray
-  test: np.ndarray
-  vocab: list
-  name: str = ""
-
-  def sequences(self, split: str, seq_len: int) -> np.ndarray:
-    """Non-overlapping windows of ``seq_len + 1`` ids: [num_sequences, L+1].
-
-    Sequence i is example i: inputs ``[:, :-1]`` and targets ``[:, 1:]``.
-    """
-    ids = self.train if split == "train" else self.test
-    n = (len(ids) - 1) // seq_len
-    starts = np.arange(n) * seq_len
-    return ids[starts[:, None] + np.arange(seq_len + 1)[None, :]]
-
-
-_TEXT_FILES = {
-    # name: (offline file name, download name in the cache, URL). Gutenberg's
-    # file differs from the shared copy (no pinned digest), so it is cached
-    # under its own name; karpathy's file is the shared copy, same digest.
-    "tolstoi": ("war-and-peace.txt", "pg2600.txt",
-                "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"),
-    "tiny_shakespeare": ("tinyshakespeare.txt", "tinyshakespeare.txt",
-                         "https://raw.githubusercontent.com/karpathy/"
-                         "char-rnn/master/data/tinyshakespeare/input.txt"),
-}
-
-
-def _check_war_and_peace(path) -> None:
-  # Without a digest: the whole novel (~3.2 million characters) or nothing.
-  text = pathlib.Path(path).read_text(encoding="utf-8")
-  if len(text) < 3_000_000 or "war and peace" not in text[:5000].lower():
-    raise ValueError(f"{len(text)} characters, expected the ~3.2 million "
-                     "of War and Peace")
-
-
-def _text_path(name: str, data_dir=None) -> pathlib.Path:
-  local, remote, url = _TEXT_FILES[name]
-  found = _find((local, remote), data_dir)
-  if found is not None:
-    return found
-  check = _check_war_and_peace if name == "tolstoi" else None
-  return download.download(url, cache_dir() / remote, check=check)
-
-
-def load_text(name: str = "tolstoi", data_dir=None,
-              test_fraction: float = 0.2,
-              max_chars: Optional[int] = None) -> TextData:
-  """War and Peace (DeepOBS's ``tolstoi``) or Tiny Shakespeare, char-encoded.
-
-  As DeepOBS does for Tolstoi, the vocabulary is that of the whole text and
-  the last 20% of the characters are the test set. (DeepOBS's own copy of
-  the text gives 2,612,948 / 653,237 characters and 83 symbols; the
-  Project Gutenberg file shipped offline differs slightly in its header
-  and symbols.)
-
-  Args:
-    name: ``"tolstoi"`` or ``"tiny_shakespeare"``.
-    data_dir: a folder to look in first for ``war-and-peace.txt`` /
-      ``tinyshakespeare.txt``; then ``$AALIG_DATA_DIR``, the shared offline
-      copies, :func:`cache_dir`, then the text is downloaded (Project
-      Gutenberg #2600 as ``pg2600.txt`` / karpathy/char-rnn) into the
-      cache, verified (see :mod:`examples.common.download`).
-    test_fraction: share of the text at its end held out.
-    max_chars: keep only the first characters of the text (quick runs).
-
-  Returns:
-    A :class:`TextData`.
-
-  Raises:
-    DataUnavailableError: the text is absent and cannot be downloaded, or
-      fails verification.
-  """
-  text = _text_path(name, data_dir).read_text(encoding="utf-8")
-  if max_chars:
-    text = text[:max_chars]
-  vocab = sorted(set(text))
-  table = {c: i for i, c in enumerate(vocab)}
-  ids = np.fromiter((table[c] for c in text), np.int32, len(text))
-  split = int(len(ids) * (1 - test_fraction))
-  return TextData(ids[:split], ids[split:], vocab, name)

@@ -58,7 +58,7 @@ KNOWN_SHA256: dict[str, Optional[str]] = {
     # Zalando's Fashion-MNIST release files as its S3 bucket serves them:
     # TFDS 4.9's url_checksums/fashion_mnist.txt. (Debian's package holds
     # re-compressed copies with other digests: those are checked by their
-    # decoded arrays, see data.load_fashion_mnist.)
+    # decoded arrays, see images.load_fashion_mnist.)
     "train-images-idx3-ubyte.gz":
         "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
     "train-labels-idx1-ubyte.gz":

@@ -1,0 +1,278 @@
+"""The quality benchmark's task catalogue: the paper's problems (Sec. 5).
+
+Each task is one of the paper's problems at a budget (CPU or paper scale):
+its data with a validation split held out of the training set, its model,
+its per-example loss and metric (from :mod:`examples.common.problems`), and
+the step-size grids the search runs over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+from flax import nnx
+
+from examples.common import data as data_lib
+from examples.common import images
+from examples.common import models as models_lib
+from examples.common import optimizers
+from examples.common import problems
+from examples.common import text as text_lib
+
+QUALITY_OPTS = ("aalig", "alig", "sps", "adam", "sgd_step", "prodigy", "dog",
+                "dadapt")
+
+
+def _pow10(lo: int, hi: int) -> tuple[float, ...]:
+  return tuple(float(10.0 ** e) for e in range(lo, hi + 1))
+
+
+@dataclasses.dataclass
+class Task:
+  """One benchmark problem and its budget."""
+  name: str
+  label: str
+  interpolating: bool
+  make_model: Callable[[int], nnx.Module]  # seed -> model
+  per_example_loss: Callable  # (outputs, targets) -> [B]
+  per_example_metric: Callable  # (outputs, targets) -> [B]
+  metric: str
+  higher_is_better: bool
+  data: dict  # x_train, y_train, x_val, y_val, x_test, y_test (numpy)
+  batch_size: int
+  epochs: int
+  grids: dict  # optimiser name -> learning rates
+  weight_decays: tuple = (0.0,)
+  seeds: int = 3
+  eval_every_epoch: bool = True
+  eval_batch: int = 1000
+  # 0: all of an optimiser's configs in one vmapped program; 1: one config
+  # at a time, unvmapped (XLA:CPU runs vmapped convolutions, i.e. grouped
+  # convolutions with batched kernels, many times slower).
+  configs_per_call: int = 0
+  # 0: the full grid on every seed. k > 0: a staged search on the first k
+  # seeds (see run_optimiser), then the chosen configuration on the others.
+  sweep_seeds: int = 0
+  loop_steps: bool = False  # see engine.Programs.epoch_fn
+  notes: str = ""
+
+  @property
+  def num_train(self) -> int:
+    return int(self.data["x_train"].shape[0])
+
+  @property
+  def ctx(self) -> optimizers.RunContext:
+    """The run of every configuration: N // B full batches an epoch."""
+    return optimizers.RunContext.create(self.num_train, self.batch_size,
+                                        self.epochs, drop_remainder=True)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.ctx.steps_per_epoch
+
+
+def _split_val(x, y, val_fraction):
+  """A seeded 80/20-style split of a training set into train and validation."""
+  tr, va = data_lib.train_test_split(len(x), val_fraction, seed=1234)
+  return x[tr], y[tr], x[va], y[va]
+
+
+def _f32(*xs):
+  return [np.asarray(x, np.float32) for x in xs]
+
+
+def matrix_factorisation_task(rank: int, scale: str, seeds: int) -> Task:
+  raw = data_lib.load_matrix_factorisation(seed=0)
+  x_tr, y_tr, x_va, y_va = _split_val(raw.x_train, raw.y_train, 0.2)
+  data = dict(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
+                  _f32(x_tr, y_tr, x_va, y_va, raw.x_test, raw.y_test)))
+  grid = _pow10(-4, 2)
+  return Task(
+      name=f"mf_rank{rank}", label=f"Matrix factorisation, rank {rank}",
+      interpolating=rank >= 6,
+      make_model=lambda seed: models_lib.LinearFactorisation(
+          6, 10, rank, rngs=nnx.Rngs(seed)),
+      per_example_loss=problems.squared_error,
+      per_example_metric=problems.squared_error, metric="mse",
+      higher_is_better=False, data=data, batch_size=100,
+      epochs=50 if scale == "cpu" else 50,
+      grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
+      notes=(f"x ~ N(0, I_6), y = A x (A 10x6, row scales 1..1e-10), 640 "
+             f"train / 160 validation / 200 test, batch 100, mean squared "
+             f"error; rank {rank} "
+             + ("can fit A exactly (interpolation)." if rank >= 6 else
+                "cannot (no interpolation).")))
+
+
+def rbf_task(name: str, scale: str, seeds: int) -> Task:
+  raw = data_lib.load_libsvm(name)
+  x_tr, y_tr, x_va, y_va = _split_val(raw.x_train, raw.y_train, 0.2)
+  x_te, y_te = raw.x_test, raw.y_test
+  sigma = problems.RBF_SIGMAS[name]
+  if scale == "cpu":
+    # mushrooms: the exact kernel (every training point a centre), as in the
+    # paper; ijcnn1: 2,000 random centres (the exact 32K x 32K kernel would
+    # not fit the CPU budget).
+    num_centres = {"mushrooms": len(x_tr), "ijcnn1": 2000}[name]
+    max_eval = 10000
+    epochs = {"mushrooms": 20, "ijcnn1": 10}[name]
+  else:
+    num_centres, max_eval, epochs = len(x_tr), None, 35
+  x_va, y_va = x_va[:max_eval], y_va[:max_eval]
+  x_te, y_te = x_te[:max_eval], y_te[:max_eval]
+  centres = problems.rbf_centres(x_tr, num_centres, seed=0)
+  feats = lambda x: data_lib.rbf_features(x, centres, sigma)
+  data = dict(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
+                  _f32(feats(x_tr), y_tr, feats(x_va), y_va, feats(x_te),
+                       y_te)))
+  grid = _pow10(-3, 2)
+  return Task(
+      name=f"rbf_{name}", label=f"RBF kernel, {name}",
+      interpolating=name == "mushrooms",
+      make_model=lambda seed: models_lib.LinearModel(len(centres),
+                                                     rngs=nnx.Rngs(seed)),
+      per_example_loss=problems.logistic_loss,
+      per_example_metric=problems.binary_accuracy,
+      metric="accuracy", higher_is_better=True, data=data, batch_size=100,
+      epochs=epochs, grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
+      notes=(f"logistic regression on RBF features (sigma {sigma}) against "
+             + (f"all {len(centres)} training points (the exact kernel); "
+                if len(centres) == len(x_tr) else
+                f"{len(centres)} random training points (Nystrom-style); ")
+             + f"{len(y_tr)} train / "
+             f"{len(y_va)} validation / {len(y_te)} test (the LIBSVM file "
+             f"split 80/20, then 20% of train held out), batch 100; "
+             f"always predicting the majority class scores "
+             f"{max(np.mean(y_va), 1 - np.mean(y_va)):.4f} on validation."))
+
+
+def _normalise_images(x_tr, *others):
+  mean, std = problems.channel_stats(x_tr)
+  return [(x.astype(np.float32) / 255.0 - mean) / std
+          for x in (x_tr,) + others]
+
+
+def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
+                ) -> Task:
+  if scale == "cpu":
+    dataset = dataset or "fashion_mnist"
+    raw = images.load_image_dataset(dataset)
+    n_train, n_val, n_test, epochs, batch = 1024, 1000, 1000, 10, 128
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(raw.num_train)
+    tr, va = perm[:n_train], perm[n_train:n_train + n_val]
+    x_te, y_te = raw.x_test[:n_test], raw.y_test[:n_test]
+    lrs_p = _pow10(-2, 0)
+    grids = {"aalig": lrs_p, "alig": lrs_p, "sps": lrs_p,
+             "sgd_step": lrs_p, "adam": _pow10(-4, -2)}
+    wds = (0.0, 1e-4)
+  else:
+    dataset = dataset or "cifar100"
+    raw = images.load_image_dataset(dataset, download=True)
+    tr_all, va_all = np.arange(raw.num_train), None
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(raw.num_train)
+    n_val = 5000
+    tr, va = perm[n_val:], perm[:n_val]
+    x_te, y_te = raw.x_test, raw.y_test
+    n_train, epochs, batch = len(tr), 200, 128
+    del tr_all, va_all
+    grids = {"aalig": _pow10(-3, 0), "alig": _pow10(-3, 0),
+             "sps": _pow10(-3, 0), "sgd_step": _pow10(-3, 0),
+             "adam": _pow10(-5, -2)}
+    wds = (0.0, 1e-5, 1e-4, 1e-3)
+  x_tr, x_va, x_te = _normalise_images(raw.x_train[tr], raw.x_train[va], x_te)
+  data = dict(x_train=x_tr, y_train=raw.y_train[tr].astype(np.int32),
+              x_val=x_va, y_val=raw.y_train[va].astype(np.int32),
+              x_test=x_te, y_test=np.asarray(y_te, np.int32))
+  in_ch, ncls = x_tr.shape[-1], int(raw.num_classes)
+  return Task(
+      name=f"resnet_{dataset}", label=f"ResNet-8, {dataset}",
+      interpolating=False,
+      make_model=lambda seed: models_lib.ResNet8(ncls, in_ch, 16,
+                                                 rngs=nnx.Rngs(seed)),
+      per_example_loss=problems.cross_entropy,
+      per_example_metric=problems.accuracy,
+      metric="accuracy", higher_is_better=True, data=data, batch_size=batch,
+      epochs=epochs, grids=grids, weight_decays=wds, seeds=seeds,
+      eval_every_epoch=scale != "cpu", eval_batch=500,
+      configs_per_call=1, sweep_seeds=1 if scale == "cpu" else 0,
+      loop_steps=True,
+      notes=(f"{dataset}: {len(tr)} train / {len(va)} validation (from the "
+             f"training set) / {len(y_te)} test images, no augmentation, "
+             f"batch {batch}, {epochs} epochs"
+             + (" (a tiny CPU budget: far from convergence)."
+                if scale == "cpu" else ".")))
+
+
+def char_rnn_task(scale: str, seeds: int) -> Task:
+  seq_len, batch = 50, 50
+  if scale == "cpu":
+    text = text_lib.load_text("tolstoi", max_chars=150_000)
+    epochs = 4
+  else:
+    text = text_lib.load_text("tolstoi")
+    epochs = 150
+  seqs = text.sequences("train", seq_len)
+  perm = np.random.default_rng(0).permutation(len(seqs))
+  n_val = max(batch, len(seqs) // 10)
+  va, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+  test = text.sequences("test", seq_len)
+  if scale == "cpu":
+    test = test[:1000]
+  vocab = len(text.vocab)
+  data = dict(x_train=seqs[tr, :-1], y_train=seqs[tr, 1:],
+              x_val=seqs[va, :-1], y_val=seqs[va, 1:],
+              x_test=test[:, :-1], y_test=test[:, 1:])
+  data = {k: np.asarray(v, np.int32) for k, v in data.items()}
+  grids = {"aalig": _pow10(-1, 1), "alig": _pow10(-1, 1),
+           "sps": _pow10(-1, 1), "sgd_step": _pow10(-1, 1),
+           "adam": _pow10(-3, -1)}
+  return Task(
+      name="char_rnn_tolstoi", label="Char LSTM, Tolstoi", interpolating=False,
+      make_model=lambda seed: models_lib.CharRNN(vocab, 128, 2,
+                                                 rngs=nnx.Rngs(seed)),
+      per_example_loss=problems.sequence_loss,
+      per_example_metric=problems.sequence_accuracy,
+      metric="accuracy", higher_is_better=True, data=data, batch_size=batch,
+      epochs=epochs, grids=grids, seeds=seeds,
+      eval_every_epoch=scale != "cpu", eval_batch=250, loop_steps=True,
+      notes=(f"War and Peace"
+             + (", first 150,000 characters" if scale == "cpu" else "")
+             + f": {len(tr)} train / {len(va)} validation sequences of "
+             f"{seq_len} characters, {len(test)} test sequences (the text's "
+             f"last 20%), vocabulary {vocab}, 2x128 LSTM, batch {batch}, "
+             f"{epochs} epochs, no regularisation (per-example loss: a "
+             f"sequence's mean character cross-entropy)."))
+
+
+TASK_NAMES = ("mf_rank1", "mf_rank4", "mf_rank10", "rbf_ijcnn1",
+              "rbf_mushrooms", "resnet", "char_rnn")
+
+
+def make_task(name: str, scale: str, seeds: int, heavy_seeds: int) -> Task:
+  if name.startswith("mf_rank"):
+    return matrix_factorisation_task(int(name[len("mf_rank"):]), scale, seeds)
+  if name.startswith("rbf_"):
+    return rbf_task(name[len("rbf_"):], scale, seeds)
+  if name == "resnet":
+    return resnet_task(scale, heavy_seeds)
+  if name == "char_rnn":
+    return char_rnn_task(scale, heavy_seeds)
+  raise ValueError(f"unknown task {name!r}; choose from {TASK_NAMES}")
+
+
+def tiny(task: Task) -> Task:
+  """A seconds-long version of `task` for the smoke test."""
+  n = min(task.num_train, 4 * task.batch_size)
+  data = dict(task.data)
+  data["x_train"], data["y_train"] = data["x_train"][:n], data["y_train"][:n]
+  for split in ("val", "test"):
+    data[f"x_{split}"] = data[f"x_{split}"][:200]
+    data[f"y_{split}"] = data[f"y_{split}"][:200]
+  grids = {k: tuple(v[:2]) for k, v in task.grids.items()}
+  return dataclasses.replace(task, data=data, epochs=2, grids=grids,
+                             weight_decays=task.weight_decays[:1],
+                             seeds=min(task.seeds, 2))

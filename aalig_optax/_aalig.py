@@ -154,6 +154,11 @@ def scale_by_aalig(
     raise ValueError(
         f"loss_estimate must be one of {_LOSS_ESTIMATES}, got "
         f"loss_estimate={loss_estimate!r}.")
+  if isinstance(table_dtype, jax.Array):
+    # optax.inject_hyperparams takes a dtype such as jnp.bfloat16 (callable)
+    # for a schedule and calls it with the step count: the result's dtype is
+    # the one meant.
+    table_dtype = table_dtype.dtype
   table_dtype = jnp.dtype(table_dtype)
   if not jnp.issubdtype(table_dtype, jnp.floating):
     raise ValueError(

@@ -70,14 +70,12 @@ def check_indices(state) -> None:
     1 batch row(s) had an index outside [0, num_examples=4) and were dropped
   """
   s = the_aalig_state(state)
-  n = int(np.asarray(jax.device_get(s.num_invalid)).max())
-  if n:
-    raise ValueError(
-        f"{'at least ' if n == I32_MAX else ''}{n} batch row(s) had an "
-        "index outside [0, num_examples="
-        f"{s.aov.shape[-1]}) and were dropped: neither their loss nor their "
-        "AOV entered a step size, and nothing was recorded for them. Check the "
-        "data pipeline's example indices.")
+  _raise_if_counted(
+      s.num_invalid,
+      "batch row(s) had an index outside [0, num_examples="
+      f"{s.aov.shape[-1]}) and were dropped: neither their loss nor their AOV "
+      "entered a step size, and nothing was recorded for them. Check the data "
+      "pipeline's example indices.")
 
 
 def check_hyperparams(state) -> None:
@@ -114,10 +112,15 @@ def check_hyperparams(state) -> None:
     ...   print(str(e).split(":")[0])
     1 step(s) used an injected hyperparameter outside its valid range
   """
-  s = the_aalig_state(state)
-  n = int(np.asarray(jax.device_get(s.num_clipped)).max())
+  _raise_if_counted(
+      the_aalig_state(state).num_clipped,
+      "step(s) used an injected hyperparameter outside its valid range: it was"
+      " clipped into the range (see check_hyperparams's docstring). Check the "
+      "values written into the optimiser state's hyperparams.")
+
+
+def _raise_if_counted(counter, what: str) -> None:
+  """Raises "<n> <what>" if the (saturating) counter is above zero."""
+  n = int(np.asarray(jax.device_get(counter)).max())
   if n:
-    raise ValueError(
-        f"{n} step(s) used an injected hyperparameter outside its valid range"
-        ": it was clipped into the range (see check_hyperparams's docstring)."
-        " Check the values written into the optimiser state's hyperparams.")
+    raise ValueError(f"{'at least ' if n == I32_MAX else ''}{n} {what}")

@@ -273,6 +273,20 @@ def test_injected_hyperparameters_out_of_range_are_clipped_and_counted(
     np.testing.assert_array_equal(np.asarray(got[-1]), [1.0, -1.0])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_table_dtype_survives_inject_hyperparams(dtype):
+  # inject_hyperparams calls a dtype like a schedule; the tables keep it.
+  tx = optax.inject_hyperparams(aalig, static_args=(
+      "num_examples", "steps_per_epoch", "epochs_per_section"))(
+          0.1, num_examples=4, steps_per_epoch=2, epochs_per_section=1,
+          table_dtype=dtype)
+  params = jnp.zeros(2)
+  _, state = jax.jit(lambda s: tx.update(
+      params, s, params, losses=jnp.ones(2), indices=jnp.arange(2)))(
+          tx.init(params))
+  assert state.inner_state[0].aov.dtype == jnp.dtype(dtype)
+
+
 def test_injected_hyperparameters_in_range_are_not_counted():
   tx, params, state = _injected(momentum=0.9, max_learning_rate=0.1)
   u, state = jax.jit(lambda p, s: tx.update(

@@ -123,7 +123,13 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
     print(f"[{desc}] resumed from {workdir / 'ckpt'} after epoch "
           f"{start_epoch}")
 
-  step_fn = jax.jit(train_step, donate_argnums=0)
+  traces = []
+
+  def traced_step(*args):
+    traces.append(None)  # Runs once per trace, i.e. per compilation.
+    return train_step(*args)
+
+  step_fn = jax.jit(traced_step, donate_argnums=0)
   spe = ctx.steps_per_epoch
   bar = tqdm(total=spe * (ctx.epochs - start_epoch), desc=desc,
              leave=False, dynamic_ncols=True, mininterval=0.5,
@@ -158,7 +164,7 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
       bar.write(f"[{desc}] epoch {epoch + 1}/{ctx.epochs} " + " ".join(
           f"{k}={v:.4g}" for k, v in shown.items()))
   bar.close()
-  compiles = getattr(step_fn, "_cache_size", lambda: 1)()
+  compiles = len(traces)
   if compiles > 1:
     warnings.warn(f"[{desc}] the train step was compiled {compiles} times; "
                   "batch shapes or dtypes changed between steps.",

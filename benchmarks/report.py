@@ -243,9 +243,10 @@ def write(results: dict, out: pathlib.Path) -> None:
             "losses, validation and test metrics), the overhead timings and "
             "HLO summaries, the command, machine and versions.",
             f"- `{OVERHEAD_PNG}`, `{CURVES_PNG}`, `{SENS_PNG}`: the plots.",
-            "- `hlo/mlp_<optimiser>_opt_part.txt`: the compiled HLO of "
-            "the optimiser part (`update` + `apply_updates`) on the MLP, "
-            "for SGD and AALIG.",
+            "- `runs/benchmarks/hlo/mlp_<optimiser>_opt_part.txt` (a run's "
+            "output, not committed; `--hlo-dir`): the compiled HLO of the "
+            "optimiser part (`update` + `apply_updates`) on the MLP, for SGD "
+            "and AALIG.",
             "- `scaling.json`, `scaling.md` (if present) come from "
             "`benchmarks/scaling.py`, not from this runner.",
             ""]

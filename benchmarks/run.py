@@ -87,6 +87,10 @@ def main(argv=None) -> dict:
                       help="comma-separated subset of "
                       f"{tasks.QUALITY_OPTS} (quality)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--hlo-dir", default=str(ROOT / "runs" / "benchmarks" /
+                                               "hlo"),
+                      help="where the compiled HLO of the optimiser parts is "
+                      "written (a run's output, not part of the results)")
   parser.add_argument("--tiny", action="store_true",
                       help="a seconds-long smoke run (tests); its numbers "
                       "mean nothing")
@@ -115,11 +119,12 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if part == "overhead":
       res = overhead.run(overhead_config(args.scale, args.tiny), log=log)
-      (out / "hlo").mkdir(exist_ok=True)
+      hlo_dir = pathlib.Path(args.hlo_dir)
+      hlo_dir.mkdir(parents=True, exist_ok=True)
       for model, m in res["models"].items():
         for opt, text in m.pop("hlo_text").items():
           if model == "mlp" or args.tiny:  # The ResNet's is 0.6 MB.
-            (out / "hlo" / f"{model}_{opt}_opt_part.txt").write_text(text)
+            (hlo_dir / f"{model}_{opt}_opt_part.txt").write_text(text)
     else:
       res = quality.run(quality_config(args), log=log)
     res["wall_s"] = time.perf_counter() - t0

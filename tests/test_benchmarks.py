@@ -11,10 +11,14 @@ run = pytest.importorskip("benchmarks.run")
 def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
   results = run.main(["--tiny", "--tasks", "mf_rank1", "--optimizers",
                       "aalig,sgd_step,prodigy", "--seeds", "2",
-                      "--out", str(tmp_path)])
+                      "--out", str(tmp_path), "--hlo-dir",
+                      str(tmp_path / "hlo")])
   for name in ("results.json", "README.md", "overhead.png",
                "quality_curves.png", "quality_sensitivity.png"):
     assert (tmp_path / name).stat().st_size > 0, name
+  # HLO text is a run's output, kept apart from the results.
+  assert (tmp_path / "hlo" / "mlp_aalig_opt_part.txt").stat().st_size > 0
+  assert not (tmp_path / "hlo_text").exists()
 
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["overhead"]["tiny"] and saved["quality"]["tiny"]
@@ -41,6 +45,7 @@ def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
   assert results["last_run"]["parts"] == ["overhead", "quality"]
 
   # A run of one part keeps the other part's results.
-  run.main(["--tiny", "--only", "overhead", "--out", str(tmp_path)])
+  run.main(["--tiny", "--only", "overhead", "--out", str(tmp_path),
+            "--hlo-dir", str(tmp_path / "hlo")])
   again = json.loads((tmp_path / "results.json").read_text())
   assert "mf_rank1" in again["quality"]["tasks"]

@@ -1,4 +1,4 @@
-"""aalig-optax: AALIG (Adaptive ALI-G) and ALI-G as Optax gradient transformations."""
+"""aalig-optax: AALIG (Adaptive ALI-G) and ALI-G as Optax transforms."""
 
 from aalig_optax._aalig import aalig
 from aalig_optax._aalig import scale_by_aalig

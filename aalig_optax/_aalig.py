@@ -1,4 +1,4 @@
-"""AALIG (Adaptive ALI-G): a Polyak step size with per-example optimal values."""
+"""AALIG (Adaptive ALI-G): a Polyak step size with per-example optima."""
 
 from __future__ import annotations
 
@@ -127,8 +127,8 @@ def scale_by_aalig(
 
   References:
     Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", TMLR
-    2022 (AALIG), Algorithms 1-2; Berrada, Zisserman, Kumar, "Training Neural Networks for
-    and by Interpolation" (ALI-G), ICML 2020.
+    2022 (AALIG), Algorithms 1-2; Berrada, Zisserman, Kumar, "Training
+    Neural Networks for and by Interpolation" (ALI-G), ICML 2020.
   """
   num_examples = _checks.static_positive_int("num_examples", num_examples)
   if num_examples > I32_MAX:

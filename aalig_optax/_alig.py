@@ -1,4 +1,4 @@
-"""ALI-G: the Polyak step size for interpolating models, with an L2-ball constraint."""
+"""ALI-G: the Polyak step size for interpolating models, and its L2 ball."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def alig(
     lower_bound: chex.Numeric = 0.0,
     eps: chex.Numeric = 1e-5,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""The ALI-G optimiser: ALI-G's step size, Nesterov momentum, L2-ball projection.
+  r"""The ALI-G optimiser: its step size, Nesterov momentum, an L2 ball.
 
   .. math::
     v \leftarrow \mu v - \gamma g, \qquad

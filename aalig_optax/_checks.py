@@ -16,13 +16,13 @@ def is_traced(value: Any) -> bool:
 
 
 def check_positive(name: str, value: Any) -> None:
-  """Raises a ValueError naming `name` unless `value` > 0 (skipped if traced)."""
+  """Raises a ValueError naming `name` unless `value` > 0 (not if traced)."""
   if not is_traced(value) and not np.all(np.asarray(value) > 0):
     raise ValueError(f"{name} must be positive, got {name}={value!r}.")
 
 
 def check_non_negative(name: str, value: Any) -> None:
-  """Raises a ValueError naming `name` unless `value` >= 0 (skipped if traced)."""
+  """Raises a ValueError naming `name` unless `value` >= 0 (not if traced)."""
   if not is_traced(value) and not np.all(np.asarray(value) >= 0):
     raise ValueError(f"{name} must be non-negative, got {name}={value!r}.")
 
@@ -65,9 +65,11 @@ def static_positive_int(name: str, value: Any) -> int:
       np.issubdtype(arr.dtype, np.integer)
       or (np.issubdtype(arr.dtype, np.floating) and float(arr).is_integer())
   ):
-    raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+    raise ValueError(
+        f"{name} must be a positive integer, got {name}={value!r}.")
   if int(arr) <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {name}={value!r}.")
+    raise ValueError(
+        f"{name} must be a positive integer, got {name}={value!r}.")
   return int(arr)
 
 
@@ -161,7 +163,8 @@ def check_batch(
   if not is_traced(raw_indices) and np.issubdtype(raw_indices.dtype,
                                                   np.integer):
     idx = raw_indices
-    valid = np.asarray(mask) if not is_traced(mask) else np.ones(idx.shape, bool)
+    valid = (np.asarray(mask) if not is_traced(mask)
+             else np.ones(idx.shape, bool))
     bad = idx[valid & ((idx < 0) | (idx >= num_examples))]
     if bad.size:
       raise ValueError(

@@ -1,4 +1,4 @@
-"""Per-example table primitives: batch reads and writes, on one device or a mesh."""
+"""Per-example tables: batch reads and writes, on one device or a mesh."""
 
 from __future__ import annotations
 

@@ -70,8 +70,8 @@ class Programs:
     else:
       eval_jit = jax.jit(eval_one)
       def evaluate(params, rest, x, y):
-        l, m = eval_jit(_unstack1(params), _unstack1(rest), x, y)
-        return l[None], m[None]
+        loss, metric = eval_jit(_unstack1(params), _unstack1(rest), x, y)
+        return loss[None], metric[None]
       self.evaluate = evaluate
     self._epochs = {}
     self._inits = {}

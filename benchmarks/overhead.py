@@ -80,7 +80,8 @@ _OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
 
 
 _COPY_RE = re.compile(
-    r"=\s*(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\][^ ]*\s+copy\((?P<arg>[^)]*)\)")
+    r"=\s*(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\][^ ]*\s+"
+    r"copy\((?P<arg>[^)]*)\)")
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "f64": 8,
                 "s64": 8, "pred": 1, "s8": 1, "u8": 1}
 

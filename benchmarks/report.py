@@ -42,16 +42,20 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
       "`block_until_ready`. *ratio* is the median step time over SGD's "
       "(`optax.sgd(0.1, momentum=0.9, nesterov=True)`); *paired* is the "
       "median of the per-round ratios (same round, same machine load), with "
-      "its interquartile range; *fastest 10%* the ratio of the two optimisers' fastest-decile turns (the turns least disturbed by other load on a shared machine). *opt part* is `tx.update` + "
+      "its interquartile range; *fastest 10%* the ratio of the two "
+      "optimisers' fastest-decile turns (the turns least disturbed by other "
+      "load on a shared machine). *opt part* is `tx.update` + "
       "`apply_updates` alone, jitted and donated, timed the same way; "
       "*kernels* counts the top-level operations of its compiled HLO, "
-      "*copies* the `copy` ops among them (and the bytes they write), *MB* XLA's estimate "
+      "*copies* the `copy` ops among them (and the bytes they write), *MB* "
+      "XLA's estimate "
       "of the bytes it reads and writes.", ""]
   for name, m in res["models"].items():
     lines += [f"### {name}: `{m['model_source']}`, "
               f"{m['num_params']:,} parameters", ""]
     lines += ["| optimiser | step (ms) | ratio | paired [IQR] | fastest 10% "
-              "| opt part (µs) | opt part − SGD's (µs) | kernels | copies | MB |",
+              "| opt part (µs) | opt part − SGD's (µs) | kernels | copies "
+              "| MB |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
               "| ---: |"]
     for n, st in m["step"].items():

@@ -66,11 +66,12 @@ def quality_md(res: dict, labels: dict) -> list[str]:
               f"{t['wall_s']:.0f} s.", ""]
     tuned = {k: v for k, v in t["grids"].items() if t["best"][k]["tuned"]}
     grids = sorted({tuple(v) for v in tuned.values()})
-    lines.append("Grids: " + "; ".join(
-        f"{', '.join(labels.get(k, k) for k, v in tuned.items() if tuple(v) == g)}"
-        f": {{{', '.join(f'{x:g}' for x in g)}}}" for g in grids)
-        + f"; weight decay {{{', '.join(f'{w:g}' for w in t['weight_decays'])}}}"
-        + ".")
+    names = lambda g: ", ".join(labels.get(k, k) for k, v in tuned.items()
+                                if tuple(v) == g)
+    values = lambda xs: "{" + ", ".join(f"{x:g}" for x in xs) + "}"
+    lines.append("Grids: " + "; ".join(f"{names(g)}: {values(g)}"
+                                       for g in grids)
+                 + f"; weight decay {values(t['weight_decays'])}.")
     if t.get("sweep_note"):
       lines.append(t["sweep_note"])
     lines += ["", f"| optimiser | step size | wd | val {mlabel} | "

@@ -89,11 +89,11 @@ def to_markdown(res):
         "per example (of N) | train step |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, l in m["layouts"].items():
+    for name, lay in m["layouts"].items():
       lines.append(
-          f"| {name} | {l['rows_per_device']:,} | "
-          f"{l['per_device_table_bytes']:,} | "
-          f"{l['per_device_table_bytes_per_example']:g} | "
-          f"{l['train_step_s'] * 1e3:.3f} ms |")
+          f"| {name} | {lay['rows_per_device']:,} | "
+          f"{lay['per_device_table_bytes']:,} | "
+          f"{lay['per_device_table_bytes_per_example']:g} | "
+          f"{lay['train_step_s'] * 1e3:.3f} ms |")
   lines.append("")
   return "\n".join(lines)

@@ -28,7 +28,8 @@ What it measures (CPU by default; the same script runs on GPU/TPU):
 Run from the repository root (the flag gives the 8 simulated devices, and is
 set by the script when absent)::
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m benchmarks.scaling
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python -m benchmarks.scaling
 
 Writes benchmarks/results/scaling.json and benchmarks/results/scaling.md.
 """

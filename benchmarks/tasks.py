@@ -239,7 +239,7 @@ def char_rnn_task(scale: str, seeds: int) -> Task:
       metric="accuracy", higher_is_better=True, data=data, batch_size=batch,
       epochs=epochs, grids=grids, seeds=seeds,
       eval_every_epoch=scale != "cpu", eval_batch=250, loop_steps=True,
-      notes=(f"War and Peace"
+      notes=("War and Peace"
              + (", first 150,000 characters" if scale == "cpu" else "")
              + f": {len(tr)} train / {len(va)} validation sequences of "
              f"{seq_len} characters, {len(test)} test sequences (the text's "

@@ -238,27 +238,8 @@ def _fix_included(app, relative_path, parent_docname, content):
   content[0] = rewrite_links(content[0], rel, parent_docname)
 
 
-# Shim: scale_by_aalig's docstring headed that section
-# "Extra args of ``update`` (keyword-only; unknown ones are ignored):", which
-# napoleon cannot take as a section header (it allows letters and spaces
-# only) and docutils then misreads. Runs before napoleon (priority < 500);
-# a no-op once the docstring uses "Extra args of update:".
-_OLD_EXTRA_ARGS = re.compile(r"^(\s*)Extra args of ``update`` \((.*)\):\s*$")
-
-
-def _extra_args_header(app, what, name, obj, options, lines):
-  for i, line in enumerate(lines):
-    m = _OLD_EXTRA_ARGS.match(line)
-    if m:
-      indent, note = m.groups()
-      lines[i:i + 1] = [f"{indent}``update`` takes these extra args ({note}).",
-                        "", f"{indent}Extra args of update:"]
-      return
-
-
 def setup(app):
   app.connect("source-read", _add_api_sections)
-  app.connect("autodoc-process-docstring", _extra_args_header, priority=400)
   app.connect("include-read", _fix_included)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
 

@@ -133,9 +133,9 @@ def train(data: data_lib.ArrayDataset, cfg: optimizers.OptConfig,
   def evaluate(state):
     losses, accs = [], []
     for s in range(0, len(data.y_test), 1000):
-      l, a = eval_batch(state.params, data.x_test[s:s + 1000],
-                        data.y_test[s:s + 1000])
-      losses.append(np.asarray(l))
+      loss, a = eval_batch(state.params, data.x_test[s:s + 1000],
+                           data.y_test[s:s + 1000])
+      losses.append(np.asarray(loss))
       accs.append(np.asarray(a))
     return dict(val_loss=float(np.concatenate(losses).mean()),
                 val_acc=float(np.concatenate(accs).mean()))

@@ -489,7 +489,8 @@ def test_non_finite_losses_skip_the_batch_without_a_wrapper():
     chex.assert_trees_all_equal(updates, jnp.zeros(2))
     assert int(new.num_skipped) == 1 and int(new.count) == 0
     assert bool(jnp.all(jnp.isnan(new.last_loss)))
-    chex.assert_trees_all_equal(new._replace(num_skipped=jnp.zeros([], jnp.int32)), state)
+    chex.assert_trees_all_equal(
+        new._replace(num_skipped=jnp.zeros([], jnp.int32)), state)
   # A non-finite loss in a padding row is ignored, not a reason to skip.
   updates, new = opt.update(jnp.ones(2), state,
                             losses=jnp.array([1.0, jnp.nan]),

@@ -1,4 +1,4 @@
-"""Tiny runs of every example: the loss falls, outputs are written, resume is exact.
+"""Tiny runs of every example: the loss falls, outputs land, resume is exact.
 
 Data: the matrix factorisation data are synthetic; the LIBSVM and text
 examples read small files written here (through ``AALIG_DATA_DIR`` /

@@ -86,7 +86,7 @@ def reference_run(loss_estimate="last"):
 
 
 def placed_on_mesh(tx, mesh, table_axis):
-  """Replicated params, the state laid out by state_shardings, a donated step."""
+  """Replicated params, the state laid out by state_shardings, donated step."""
   params = jax.device_put(init_params(), NamedSharding(mesh, P()))
   shardings = ao.state_shardings(jax.eval_shape(tx.init, params), mesh,
                                  table_axis=table_axis)

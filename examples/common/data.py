@@ -124,7 +124,7 @@ def find_file(names, data_dir=None) -> Optional[pathlib.Path]:
 
 def train_test_split(n: int, test_fraction: float, seed: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """A seeded random split of ``range(n)`` into sorted train and test positions."""
+  """A seeded random split of ``range(n)`` into sorted train/test positions."""
   perm = np.random.default_rng(seed).permutation(n)
   n_test = int(round(n * test_fraction))
   return np.sort(perm[n_test:]), np.sort(perm[:n_test])

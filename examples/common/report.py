@@ -90,7 +90,9 @@ def environment() -> dict:
         break
   except OSError:
     pass
-  import flax, numpy, optax  # pylint: disable=g-import-not-at-top,multiple-imports
+  import flax
+  import numpy
+  import optax  # pylint: disable=g-import-not-at-top,multiple-imports
   import jaxlib  # pylint: disable=g-import-not-at-top
   import aalig_optax  # pylint: disable=g-import-not-at-top
   dirty = _git("status", "--porcelain", "--", "aalig_optax", "benchmarks",

@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Optional
 
 import numpy as np

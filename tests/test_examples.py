@@ -167,10 +167,12 @@ def test_resume_is_exact(tmp_path, opt):
       problem, cfg, ctx, loop.Run(workdir, seed=0, resume=resume,
                                   verbose=False), eval_train=True)
   full, hist_full = train(tmp_path / "full")
-  # A run "killed" after epoch 3: drop its last checkpoint (Orbax step 3).
+  # A run "killed" after epoch 3: drop its last checkpoint (epoch index 3).
   run = tmp_path / "killed"
   _, hist_killed = train(run)
-  shutil.rmtree(run / "ckpt" / "3")
+  assert sorted(p.name for p in (run / "ckpt").iterdir()) == [
+      "epoch_00002", "epoch_00003"]
+  shutil.rmtree(run / "ckpt" / "epoch_00003")
   resumed, hist_res = train(run, resume=True)
   # Epochs 1-3 came from the checkpoint (same timings), epoch 4 was rerun.
   assert [r["seconds"] for r in hist_res[:3]] == [

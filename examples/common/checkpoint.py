@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run, and the guard that keeps a previous run.
+"""Checkpoints of a run (the library's save_state), and the guard that keeps
+a previous run.
 
 One checkpoint per epoch of (state, history), the last two kept;
 ``resume`` continues from the latest bit for bit. A fresh run never deletes
@@ -8,37 +9,28 @@ a previous run's checkpoints or metrics unless told to (``overwrite``).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 import shutil
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+import aalig_optax
 
 __all__ = ["Checkpointer", "Run", "RunExistsError", "previous_run_files"]
 
 
-def _to_saveable(state):
-  leaves = jax.tree.leaves(state)
-  out = {}
-  for i, leaf in enumerate(leaves):
-    if jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
-    out[f"{i:05d}"] = np.asarray(jax.device_get(leaf))
-  return out
+def _keys_as_data(tree):
+  """PRNG key arrays as their raw uint32 data (what a checkpoint can hold)."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
-def _from_saveable(template, saved):
-  leaves, treedef = jax.tree.flatten(template)
-  new = []
-  for i, leaf in enumerate(leaves):
-    value = saved[f"{i:05d}"]
-    if jnp.issubdtype(jnp.asarray(leaf).dtype, jax.dtypes.prng_key):
-      value = jax.random.wrap_key_data(value)
-    new.append(jnp.asarray(value, dtype=None if jnp.issubdtype(
-        jnp.asarray(leaf).dtype, jax.dtypes.prng_key) else leaf.dtype))
-  return jax.tree.unflatten(treedef, new)
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def previous_run_files(directory) -> list[pathlib.Path]:
@@ -91,12 +83,15 @@ class Run:
 
 
 class Checkpointer:
-  """Orbax checkpoints of (state, history), one per epoch, the last 2 kept.
+  """One checkpoint per epoch of (state, history), the last 2 kept.
 
-  The state is saved as its flat list of leaves, so any pytree (NNX states,
-  optax NamedTuples with None fields) round-trips exactly into the structure
-  of a freshly initialised template.
+  Each is written by the library's :func:`aalig_optax.save_state` (atomic,
+  checksummed, with AALIG's schedule recorded) into ``epoch_<n>/`` with the
+  history beside it, and restored by :func:`aalig_optax.restore_state`
+  against a freshly initialised template, so a mismatch names its leaf path.
   """
+
+  _PREFIX = "epoch_"
 
   def __init__(self, directory: pathlib.Path, fresh: bool,
                overwrite: bool = False):
@@ -112,8 +107,6 @@ class Checkpointer:
       RunExistsError: if `fresh`, `directory` holds checkpoints and not
         `overwrite`; nothing is deleted.
     """
-    import orbax.checkpoint as ocp  # Imported late: slow to import.
-    self._ocp = ocp
     directory = pathlib.Path(directory).resolve()
     if fresh and directory.is_dir() and any(directory.iterdir()):
       if not overwrite:
@@ -122,26 +115,39 @@ class Checkpointer:
             "resume=True (--resume) to continue it, overwrite=True "
             "(--overwrite) to replace it, or use another workdir.")
       shutil.rmtree(directory)
-    self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, enable_async_checkpointing=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    self.directory = directory
+
+  def _path(self, epoch: int) -> pathlib.Path:
+    return self.directory / f"{self._PREFIX}{epoch:05d}"
+
+  def _epochs(self) -> list[int]:
+    return sorted(int(p.name[len(self._PREFIX):])
+                  for p in self.directory.glob(self._PREFIX + "[0-9]*")
+                  if p.is_dir() and p.name[len(self._PREFIX):].isdigit())
 
   def save(self, epoch: int, state, history: list) -> None:
-    ocp = self._ocp
-    self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)),
-        history=ocp.args.JsonSave(history)))
-    self.manager.wait_until_finished()
+    path = self._path(epoch)
+    aalig_optax.save_state(path, _keys_as_data(state), force=True)
+    # The history goes in after the arrays: a checkpoint without it is
+    # incomplete, and latest() skips it.
+    tmp = path / "history.json.tmp"
+    tmp.write_text(json.dumps(history))
+    os.replace(tmp, path / "history.json")
+    for old in self._epochs()[:-2]:
+      shutil.rmtree(self._path(old))
 
   def latest(self) -> Optional[int]:
-    return self.manager.latest_step()
+    done = [e for e in self._epochs()
+            if (self._path(e) / "history.json").exists()]
+    return done[-1] if done else None
 
   def restore(self, epoch: int, template):
-    ocp = self._ocp
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        _to_saveable(template))
-    out = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        history=ocp.args.JsonRestore()))
-    return _from_saveable(template, out["state"]), list(out["history"])
+    path = self._path(epoch)
+    saved = aalig_optax.restore_state(path, _keys_as_data(template))
+    state = jax.tree.map(
+        lambda t, x: jax.random.wrap_key_data(
+            x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
+        template, saved)
+    history = json.loads((path / "history.json").read_text())
+    return state, list(history)

@@ -108,7 +108,8 @@ def test_rerun_refuses_keeps_files_overwrite_replaces_resume_continues(
   out = tmp_path / "runs"
   _mf(out)
   run = out / "rank4" / "sgd_seed0"
-  assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["epoch_00000", "epoch_00001"]
+  assert sorted(p.name for p in (run / "ckpt").iterdir()) == [
+      "epoch_00000", "epoch_00001"]
   before = _snapshot(out)
 
   with pytest.raises(SystemExit) as err:
@@ -129,7 +130,8 @@ def test_rerun_refuses_keeps_files_overwrite_replaces_resume_continues(
   # --overwrite: the run is trained afresh and its checkpoints replaced.
   (run / "ckpt" / "stale-marker").write_text("from the previous run")
   _mf(out, "--overwrite")
-  assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["epoch_00000", "epoch_00001"]
+  assert sorted(p.name for p in (run / "ckpt").iterdir()) == [
+      "epoch_00000", "epoch_00001"]
   old = json.loads(before["rank4/sgd_seed0/metrics.json"])
   new = json.loads((run / "metrics.json").read_text())
   assert [r["seconds"] for r in new] != [r["seconds"] for r in old]

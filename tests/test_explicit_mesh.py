@@ -21,6 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import aalig_optax as ao
 from aalig_optax import _tables
+from tests import hlo_checks
 
 N, D = 64, 4                    # examples, features
 STEPS_PER_EPOCH, EPOCHS_PER_SECTION = 2, 1
@@ -231,11 +232,4 @@ def test_unplaced_batch_step_moves_no_table():
                  out_shardings=(NamedSharding(mesh, P()), shardings))
   text = step.lower(params, state, x[:12], y[:12],
                     np.arange(12, dtype=np.int32)).compile().as_text()
-  collectives = [l for l in text.splitlines() if re.search(
-      r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)", l)]
-  for size in (n_ex, n_ex // 8):
-    big = [l for l in collectives if re.search(rf"\[{size}\]", l)]
-    assert not big, big[:3]
-  copies = [l for l in text.splitlines()
-            if re.search(rf"\[{n_ex // 8}\]\S* copy\(", l)]
-  assert not copies, copies[:3]
+  hlo_checks.assert_no_table_traffic(text, (n_ex, n_ex // 8), n_ex // 8)

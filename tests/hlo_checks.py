@@ -1,0 +1,32 @@
+"""Checks on compiled HLO text shared by the multi-device tests."""
+
+from __future__ import annotations
+
+import re
+
+_COLLECTIVE = re.compile(
+    r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)")
+
+
+def collectives(text: str) -> list[str]:
+  """The HLO lines that move data between devices."""
+  return [line for line in text.splitlines() if _COLLECTIVE.search(line)]
+
+
+def assert_no_table_traffic(text: str, table_sizes, local_rows: int) -> None:
+  """No collective of a table's size and no copy of a table's local shard.
+
+  Args:
+    text: a compiled program's HLO text.
+    table_sizes: the shapes' leading sizes that would mean a whole table (or a
+      shard of one) crossed devices.
+    local_rows: each device's rows of a table; a `copy` of that size means
+      the donated table was not updated in place.
+  """
+  moved = collectives(text)
+  for size in table_sizes:
+    big = [line for line in moved if re.search(rf"\[{size}\]", line)]
+    assert not big, big[:3]
+  copies = [line for line in text.splitlines()
+            if re.search(rf"\[{local_rows}\]\S* copy\(", line)]
+  assert not copies, copies[:3]

@@ -7,8 +7,8 @@ over 1% test accuracy; it is not an interpolation problem). An example is a
 sequence (non-overlapping 51-character windows of the training text), so an
 AOV is the optimal value of a sequence's mean per-character loss.
 
-Data: ``war-and-peace.txt`` from ``--data-dir``, ``../shared/data/`` or
-``$AALIG_DATA_DIR``, else downloaded (Project Gutenberg #2600), with
+Data: ``war-and-peace.txt`` from ``--data-dir`` or ``$AALIG_DATA_DIR``,
+else downloaded (Project Gutenberg #2600), with
 DeepOBS's split (the last 20% is the test set); ``--dataset
 tiny_shakespeare`` is the small fallback.
 
@@ -98,7 +98,8 @@ def main(argv=None):
   parser.add_argument("--dataset", default="tolstoi",
                       choices=("tolstoi", "tiny_shakespeare"))
   parser.add_argument("--data-dir", default=None,
-                      help="folder with the text (default ../shared/data)")
+                      help="folder with the text (default: $AALIG_DATA_DIR, "
+                      "else the verified download cache)")
   parser.add_argument("--seq-len", type=int, default=50)
   parser.add_argument("--hidden", type=int, default=128)
   cli.preset_arg(parser, "--max-chars", PRESETS, type=int,

@@ -19,8 +19,8 @@ Run (10 epochs on both sets, about 2 minutes on 2 CPU cores)::
     python -m examples.rbf_kernel --datasets mushrooms --epochs 35
     python -m examples.rbf_kernel --paper      # exact kernels, 35 epochs
 
-Data: ``mushrooms.txt`` and ``ijcnn1.trn.bz2`` from ``../shared/data/``
-(or ``$AALIG_DATA_DIR``), else downloaded from the LIBSVM site.
+Data: ``mushrooms.txt`` and ``ijcnn1.trn.bz2`` from ``$AALIG_DATA_DIR``,
+else downloaded from the LIBSVM site (verified, cached).
 
 References:
   Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", Sec. 5.1,

@@ -7,8 +7,9 @@ AALIG keys its approximate optimal value (AOV) on. Batches are drawn with
 index is the same in every epoch whatever the shuffling or augmentation.
 
 Files are looked for in ``$AALIG_DATA_DIR`` first (files you provide, used
-as they are), then in ``../shared/data/`` relative to the project root (the
-offline copies, checked against their SHA-256), then in :func:`cache_dir`;
+as they are), then in the developers' offline mirror (``../shared/data/``
+beside the project, if present; checked against their SHA-256; users need
+none), then in :func:`cache_dir`;
 otherwise they are downloaded into the cache with
 :mod:`examples.common.download`, which verifies every file before it is
 used. A file that cannot be found or verified raises

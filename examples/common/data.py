@@ -44,12 +44,15 @@ __all__ = [
     "DataUnavailableError",
     "cache_dir",
     "epoch_batches",
+    "find_file",
     "load_libsvm",
     "load_matrix_factorisation",
     "load_svmlight",
     "rbf_features",
     "shared_data_dir",
+    "steps_per_epoch",
     "train_test_split",
+    "user_dirs",
 ]
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -1,7 +1,7 @@
-"""An independent NumPy transcription of ../shared/SPEC.md, for the tests.
+"""An independent NumPy transcription of docs/algorithm.md, for the tests.
 
-Written from the spec alone (no import of the package), one example at a time
-where the spec speaks per example, so that the tests compare two separate
+Written from the semantics alone (no import of the package), one example at
+a time where the text speaks per example, so that the tests compare two separate
 readings of the same text.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 
 class NumpyAalig:
-  """AALIG of SPEC.md: step size, records, momentum, weight decay, sections."""
+  """AALIG of docs/algorithm.md: step size, records, momentum, sections."""
 
   def __init__(self, max_lr, num_examples, steps_per_epoch, epochs_per_section,
                momentum=0.9, weight_decay=0.0, lower_bound=0.0, eps=1e-5,
@@ -94,7 +94,7 @@ class NumpyAalig:
 
 
 def numpy_update_aovs(aov, aov_step, estimate, lower_bound):
-  """SPEC.md's section-end rule, one example at a time."""
+  """The section-end rule of docs/algorithm.md, one example at a time."""
   ref = NumpyAalig(1.0, len(aov), 1, 1, lower_bound=lower_bound)
   ref.aov = [float(a) for a in aov]
   ref.aov_step = [float(d) for d in aov_step]

@@ -1,4 +1,4 @@
-"""Core behaviour of AALIG and ALI-G: SPEC.md to the letter, and Optax fit."""
+"""Core behaviour of AALIG and ALI-G: docs/algorithm.md to the letter, and Optax fit."""
 
 import functools
 import re
@@ -76,7 +76,7 @@ def flat(params):
 
 
 # --------------------------------------------------------------------------
-# Trajectories against the NumPy transcription of SPEC.md.
+# Trajectories against the NumPy transcription of docs/algorithm.md.
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -279,7 +279,7 @@ def test_update_aovs_properties(tables):
       np.maximum(aov[reached] - step[reached] / 2, np.float32(lower)),
       rtol=1e-6, atol=1e-5)
   np.testing.assert_array_equal(new_step[reached], step[reached])
-  # And the whole thing equals the per-example transcription of SPEC.md.
+  # And the whole thing equals the per-example transcription of docs/algorithm.md.
   ref_aov, ref_step = reference.numpy_update_aovs(aov, step, est, lower)
   np.testing.assert_allclose(new_aov, ref_aov, rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(new_step, ref_step, rtol=1e-6, atol=1e-5)

@@ -1,7 +1,7 @@
 """Reliability of AALIG under bad input, faults and long runs.
 
 - A property-based fuzz of one `update` (eager and jitted) against a small
-  NumPy reading of SPEC.md written here, independent of the package.
+  NumPy reading of docs/algorithm.md written here, independent of the package.
 - A table of named bad inputs, each with the outcome it must get.
 - Out-of-range indices under `jit`: never written, always counted.
 - A soak of many jitted steps with NaN/inf batches under
@@ -29,6 +29,7 @@ import aalig_optax
 from aalig_optax import aalig
 from aalig_optax import check_indices
 from aalig_optax import scale_by_aalig
+from tests import reference
 
 N = 16
 STEPS_PER_EPOCH = 4
@@ -74,7 +75,7 @@ def _jit_update(table_dtype):
 
 
 # --------------------------------------------------------------------------
-# The NumPy reference: one step's step size and table writes, per SPEC.md.
+# The NumPy reference: one step's step size and table writes, per docs/algorithm.md.
 # --------------------------------------------------------------------------
 
 
@@ -142,13 +143,7 @@ def reference_step(prior, grads, losses, indices, mask, table_dtype):
     seen = ~np.isnan(last)
     reached = seen & (last <= aov)
     reached_fraction = reached.sum() / max(seen.sum(), 1)
-    for i in range(N):
-      if not seen[i]:
-        continue
-      if reached[i]:
-        aov[i] = max(aov[i] - aov_step[i] / 2, LOWER)
-      else:
-        aov[i], aov_step[i] = (aov[i] + last[i]) / 2, (last[i] - aov[i]) / 2
+    aov, aov_step = reference.numpy_update_aovs(aov, aov_step, last, LOWER)
     sections += 1
   return dict(step=step, skipped=skipped, bad=bad, last_loss=last, aov=aov,
               aov_step=aov_step, count=count, num_sections=sections,

@@ -1,4 +1,4 @@
-"""Core behaviour of AALIG and ALI-G: docs/algorithm.md to the letter, and Optax fit."""
+"""Core behaviour of AALIG and ALI-G: the semantics to the letter, Optax fit."""
 
 import functools
 import re
@@ -279,7 +279,7 @@ def test_update_aovs_properties(tables):
       np.maximum(aov[reached] - step[reached] / 2, np.float32(lower)),
       rtol=1e-6, atol=1e-5)
   np.testing.assert_array_equal(new_step[reached], step[reached])
-  # And the whole thing equals the per-example transcription of docs/algorithm.md.
+  # And the whole thing equals the per-example transcription (reference.py).
   ref_aov, ref_step = reference.numpy_update_aovs(aov, step, est, lower)
   np.testing.assert_allclose(new_aov, ref_aov, rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(new_step, ref_step, rtol=1e-6, atol=1e-5)

@@ -75,7 +75,7 @@ def _jit_update(table_dtype):
 
 
 # --------------------------------------------------------------------------
-# The NumPy reference: one step's step size and table writes, per docs/algorithm.md.
+# The NumPy reference: one step's step size and table writes (the semantics).
 # --------------------------------------------------------------------------
 
 

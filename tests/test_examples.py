@@ -89,12 +89,83 @@ def test_fashion_mnist_idx_reader(tmp_path):
   np.testing.assert_array_equal(d.y_test, labels)
 
 
+def test_sklearn_split_matches_sklearn():
+  # sklearn 1.9.1: train_test_split(np.arange(1000), test_size=0.2,
+  # random_state=9513451) (ShuffleSplit); facts, not a reimplementation.
+  tr, te = data_lib.sklearn_split(1000, 0.2, 9513451)
+  assert len(tr) == 800 and len(te) == 200
+  assert tr[:8].tolist() == [249, 9, 752, 955, 297, 803, 190, 998]
+  assert te[:8].tolist() == [416, 874, 772, 454, 77, 275, 289, 761]
+  assert sorted(np.concatenate([tr, te]).tolist()) == list(range(1000))
+
+
 def test_matrix_factorisation_data():
-  d = data_lib.load_matrix_factorisation(0)
-  assert d.x_train.shape == (800, 6) and d.y_test.shape == (200, 10)
+  d = data_lib.load_matrix_factorisation()
+  assert d.x_train.shape == (800, 6) and d.y_train.shape == (800, 10)
+  assert d.x_test.shape == (200, 6) and d.y_test.shape == (200, 10)
+  # np.random.seed(42): A = linspace(1, 1e-10, 10)[:, None] * rand(10, 6),
+  # X = randn(6, 1000); train example 0 is column 249 of X (values printed
+  # from the sls recipe with numpy and sklearn).
+  np.testing.assert_allclose(
+      d.x_train[0], [0.8496021, 0.8384908, -0.80826575, 0.33802348,
+                     -0.20846821, -0.9182122], rtol=1e-6)
+  np.testing.assert_allclose(d.y_train[0, :3],
+                             [0.55032927, -0.32512096, 0.19837919],
+                             rtol=1e-6)
   # y = A x with A's last row scaled by 1e-10.
   assert np.abs(d.y_train[:, -1]).max() < 1e-8
   assert np.abs(d.y_train[:, 0]).max() > 0.1
+
+
+def test_matrix_factorisation_data_is_the_same_for_every_seed():
+  from examples import matrix_factorisation
+  a = matrix_factorisation.make_problem(4, 0).data
+  b = matrix_factorisation.make_problem(4, 1).data
+  for k in ("x_train", "y_train", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_linear_factorisation_has_torch_init():
+  from flax import nnx
+  m = models.LinearFactorisation(6, 10, 4, rngs=nnx.Rngs(0))
+  w1, w2 = (np.asarray(layer.kernel[...]) for layer in m.layers)
+  assert w1.shape == (6, 4) and w2.shape == (4, 10)
+  for w, fan_in in ((w1, 6), (w2, 4)):
+    assert np.abs(w).max() <= 1 / np.sqrt(fan_in)
+  big = models.LinearFactorisation(400, 300, None, rngs=nnx.Rngs(1))
+  w = np.asarray(big.layers[0].kernel[...])
+  assert abs(np.abs(w).max() - 0.05) < 1e-3  # U(-1/20, 1/20) fills out.
+  assert abs(w.var() - 0.05 ** 2 / 3) < 1e-5
+
+
+def _brute_force_floor(x, y, rank, iters=500):
+  """Alternating least squares over W = B C, B [m, r], C [r, d]."""
+  c = np.random.default_rng(0).standard_normal((rank, x.shape[1]))
+  for _ in range(iters):
+    b = np.linalg.lstsq(x @ c.T, y, rcond=None)[0].T
+    c = np.linalg.lstsq(np.kron(b, x), y.T.reshape(-1), rcond=None)[0]
+    c = c.reshape(rank, x.shape[1])
+  return np.mean((x @ (b @ c).T - y) ** 2)
+
+
+def test_loss_floor_against_a_brute_force_fit():
+  from examples import matrix_factorisation
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((30, 4))
+  # Noise: part of y no linear map fits, which the floor must count.
+  y = x @ rng.standard_normal((4, 5)) + 0.3 * rng.standard_normal((30, 5))
+  for rank in (1, 2, 3):
+    np.testing.assert_allclose(matrix_factorisation.loss_floor(x, y, rank),
+                               _brute_force_floor(x, y, rank), rtol=1e-8)
+  lstsq = np.mean((x @ np.linalg.lstsq(x, y, rcond=None)[0] - y) ** 2)
+  for rank in (4, 5, None):
+    np.testing.assert_allclose(matrix_factorisation.loss_floor(x, y, rank),
+                               lstsq, rtol=1e-10)
+  # The paper's data: rank 1 and 4 cannot interpolate, rank 10 can.
+  d = data_lib.load_matrix_factorisation()
+  f1, f4, f10 = (matrix_factorisation.loss_floor(d.x_train, d.y_train, r)
+                 for r in (1, 4, 10))
+  assert f1 > f4 > 1e-3 and f10 < 1e-14
 
 
 def test_resnet8_is_the_papers_small_resnet():
@@ -151,6 +222,25 @@ def test_matrix_factorisation_example(tmp_path):
   run = tmp_path / "rank4" / "aalig_seed0"
   assert (run / "metrics.json").exists() and (run / "ckpt").is_dir()
   assert "mean_aov" in results["histories"]["rank4/aalig/seed0"][-1]
+  # The epoch's step size is its mean over the 8 steps (drop_last: 800 /
+  # 100), not AALIG's last step, which is kept apart as last_step_size.
+  for rec in results["histories"]["rank4/aalig/seed0"]:
+    assert len(rec["trace_step_size"]) == 8
+    np.testing.assert_allclose(rec["step_size"],
+                               np.mean(rec["trace_step_size"]), rtol=1e-5)
+    zeros = np.mean(np.asarray(rec["trace_step_size"]) == 0)
+    assert rec["zero_step_share"] == pytest.approx(zeros)
+    assert "last_step_size" in rec
+  assert {r["problem"] for r in rows} == {"rank4"}
+  assert all(r["vs_floor"].startswith("x") for r in rows)
+
+
+def test_matrix_factorisation_run_shape():
+  # 800 examples, batch 100, drop_last, 50 epochs in K = 10 sections.
+  ctx = optimizers.RunContext.create(800, 100, 50, drop_remainder=True)
+  assert (ctx.steps_per_epoch, ctx.epochs_per_section) == (8, 5)
+  assert optimizers.RunContext.create(
+      850, 100, 50, drop_remainder=True).steps_per_epoch == 8
 
 
 @pytest.mark.parametrize("opt", ["aalig", "alig"])

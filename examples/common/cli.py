@@ -185,16 +185,18 @@ def optimiser_configs(args, default_lrs: Mapping[str, float],
   return configs
 
 
-def run_context(args, num_examples: int, *, sections: int = 10
-                ) -> optimizers.RunContext:
+def run_context(args, num_examples: int, *, sections: int = 10,
+                drop_remainder: bool = False) -> optimizers.RunContext:
   """The run of --epochs epochs of --batch-size over `num_examples`.
 
   ``--steps-per-epoch`` cuts the epochs short; the optimiser and the loop
-  get this one object.
+  get this one object. ``drop_remainder``: each epoch drops its last partial
+  batch (PyTorch's ``drop_last=True``) rather than padding it.
   """
   return optimizers.RunContext.create(
       num_examples, args.batch_size, args.epochs, sections=sections,
-      max_steps_per_epoch=args.steps_per_epoch)
+      max_steps_per_epoch=args.steps_per_epoch,
+      drop_remainder=drop_remainder)
 
 
 def run_of(args, workdir, seed: Optional[int] = None) -> checkpoint.Run:

@@ -66,7 +66,10 @@ def _epoch_record(epoch: int, step_metrics: list) -> dict:
   record = dict(
       epoch=epoch + 1,
       loss=float(np.sum(stacked["loss"] * n) / np.sum(n)),
+      # The epoch's mean step size and its share of zero steps (AALIG skips
+      # a batch whose losses are all at their AOVs).
       step_size=float(np.mean(stacked["step_size"])),
+      zero_step_share=float(np.mean(stacked["step_size"] == 0)),
       step_size_min=float(np.min(stacked["step_size"])),
       step_size_max=float(np.max(stacked["step_size"])),
   )
@@ -150,7 +153,10 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
                         step=f"{float(metrics['step_size']):.3g}")
     record = _epoch_record(epoch, step_metrics)
     if epoch_metrics is not None:
-      record.update(_floats(epoch_metrics(state)))
+      # State read-outs (e.g. AALIG's last step size) never replace the
+      # epoch's statistics: a clashing key is stored as last_<key>.
+      record.update({(f"last_{k}" if k in record else k): v
+                     for k, v in _floats(epoch_metrics(state)).items()})
     if evaluate is not None:
       record.update(evaluate(state))
     record["seconds"] = time.time() - t0
@@ -160,6 +166,7 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
     if run.verbose:
       shown = {k: v for k, v in record.items() if k not in (
           "epoch", "step_size_min", "step_size_max", "sections_done",
+          "last_step_size",
           "num_invalid", "trace_loss", "trace_step_size")}
       bar.write(f"[{desc}] epoch {epoch + 1}/{ctx.epochs} " + " ".join(
           f"{k}={v:.4g}" for k, v in shown.items()))

@@ -28,28 +28,37 @@ def count_params(model: nnx.Module) -> int:
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+# PyTorch's default nn.Linear weight initialisation, kaiming_uniform_(a=
+# sqrt(5)): U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 +
+# 5)), i.e. b = 1 / sqrt(fan_in) (variance 1 / (3 fan_in)).
+torch_linear_init = jax.nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform")
+
+
 class LinearFactorisation(nnx.Module):
   """x -> W1 W2 x, with W1 in R^{out x k} and W2 in R^{k x in}, no bias.
 
   The matrix factorisation model of Vaswani et al. (2019) (AALIG paper,
   Eq. 5). ``rank=None`` is the full linear model ("true model") x -> W x.
+  The weights start as PyTorch's ``nn.Linear`` (their code):
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn with JAX from `rngs`.
 
   Args:
     in_dim: input size (6).
     out_dim: output size (10).
     rank: k, or None for the full linear model.
     rngs: initialisation randomness.
+    kernel_init: the weights' initialiser (default: PyTorch's, above).
   """
 
   def __init__(self, in_dim: int, out_dim: int, rank: Optional[int],
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs, kernel_init=torch_linear_init):
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False,
+                                     kernel_init=kernel_init, rngs=rngs)
     if rank is None:
-      self.layers = nnx.List([nnx.Linear(in_dim, out_dim, use_bias=False,
-                                         rngs=rngs)])
+      self.layers = nnx.List([linear(in_dim, out_dim)])
     else:
-      self.layers = nnx.List([
-          nnx.Linear(in_dim, rank, use_bias=False, rngs=rngs),
-          nnx.Linear(rank, out_dim, use_bias=False, rngs=rngs)])
+      self.layers = nnx.List([linear(in_dim, rank), linear(rank, out_dim)])
 
   def __call__(self, x, train: bool = True):
     del train

@@ -16,7 +16,9 @@ def polyak_step_size(gap, sq_norm, max_learning_rate, eps):
   """clip(gap / (||g||^2 + eps), 0, max_learning_rate), as in optax's SPS+.
 
   Zero where the denominator is at or below machine epsilon, or where `gap`
-  or `sq_norm` is not finite (the callers then skip the batch).
+  or `sq_norm` is not finite: a non-finite gradient or loss (the callers
+  skip the batch), or a finite gradient whose squared norm overflows, for
+  which :func:`step_coefficients` computes the step on a scaled gradient.
   """
   denom = sq_norm + eps
   step = jnp.minimum(jnp.maximum(gap, 0.0) / denom, max_learning_rate)

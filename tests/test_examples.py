@@ -404,3 +404,59 @@ def test_logged_step_size_follows_the_schedule(name, schedule):
   want = [0.1] * 8 if schedule == "constant" else (
       [0.1] * 4 + [0.01] * 2 + [0.001] * 2)
   np.testing.assert_allclose(sizes, want, rtol=1e-6)
+
+
+def _toy_fit(tmp_path, epochs=3):
+  import jax.numpy as jnp
+  state = {"w": jnp.zeros(3)}
+
+  def step(state, data, idx, mask):
+    new = {"w": state["w"] + 0.1}
+    return new, dict(loss=jnp.sum(new["w"]), step_size=jnp.float32(0.1),
+                     count=jnp.sum(mask, dtype=jnp.float32))
+
+  ctx = optimizers.RunContext.create(8, 4, epochs)
+  return loop.fit(state, step, {"x": jnp.ones((8, 3))}, ctx,
+                  loop.Run(tmp_path, seed=0, verbose=False), desc="toy")
+
+
+def test_fit_prints_progress_lines_when_not_on_a_terminal(tmp_path, capsys,
+                                                          monkeypatch):
+  # pytest's captured stdout is not a TTY, as in a log file or CI: no bar,
+  # so a line at most every PROGRESS_SECONDS and one when the run ends.
+  monkeypatch.setattr(loop, "PROGRESS_SECONDS", 0.0)
+  _toy_fit(tmp_path)
+  lines = [l for l in capsys.readouterr().out.splitlines()
+           if l.startswith("[toy]")]
+  assert [l.split()[2] for l in lines[:3]] == ["1/3", "2/3", "3/3"]
+  assert "loss=" in lines[0] and "done" in lines[-1]
+
+
+def test_fit_progress_lines_are_throttled(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(loop, "PROGRESS_SECONDS", 1e9)
+  _toy_fit(tmp_path / "a")
+  _toy_fit(tmp_path / "b")
+  lines = [l for l in capsys.readouterr().out.splitlines()
+           if l.startswith("[toy]")]
+  # Only each run's closing line.
+  assert len(lines) == 2 and all("done" in l for l in lines)
+
+
+def test_matrix_factorisation_prints_each_optimisers_distance_from_floor(
+    tmp_path, capsys):
+  from examples import matrix_factorisation
+  rows = matrix_factorisation.main([
+      "--problems", "rank1,rank10", "--optimisers", "aalig,sgd",
+      "--epochs", "2", "--seeds", "2", "--workdir", str(tmp_path)])
+  out = capsys.readouterr().out
+  lines = out[out.index("How far each optimiser"):].splitlines()[1:3]
+  by_name = {l.split()[0]: l for l in lines}
+  assert set(by_name) == {"aalig", "sgd"}
+  for r in rows:
+    name = r["optimiser"].split(" ")[0]
+    assert f"{r['problem']} {r['vs_floor']}" in by_name[name]
+    # Two seeds: the worst one is no closer to the floor than their mean.
+    worst, mean = r["worst_seed"], r["vs_floor"]
+    assert float(worst[1:]) >= float(mean[1:])
+  # Progress lines reach a log (pytest's stdout is not a terminal).
+  assert "] done: 2 epochs" in out

@@ -12,8 +12,9 @@ One run trains one model with one optimiser:
   (seed, epoch), and carry each example's dataset index (AALIG's AOV key);
 - after each epoch the state and the metrics so far are saved with Orbax, and
   ``resume=True`` continues from the latest checkpoint bit for bit;
-- a tqdm bar shows the live loss and step size; per-epoch metrics go to
-  ``metrics.json``.
+- a tqdm bar shows the live loss and step size on a terminal; elsewhere
+  (a log file, CI) a progress line is printed every few seconds and when a
+  run ends; per-epoch metrics go to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ __all__ = ["RecompileWarning", "Run", "compare_classifiers", "fit",
 LOG_EVERY = 10  # Steps between progress-bar refreshes (each forces a sync).
 TRACE_POINTS = 20  # Chunk means of the batch loss and step size per epoch.
 EVAL_BATCH = 1000
+# Without a terminal (no bar): at most one progress line per this many
+# seconds, across runs, so a long script shows it is alive in a log.
+PROGRESS_SECONDS = 10.0
+_last_progress = [-float("inf")]
 
 
 class RecompileWarning(UserWarning):
@@ -163,6 +168,13 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
     history.append(record)
     ckpt.save(epoch, state, history)
     (workdir / "metrics.json").write_text(json.dumps(history, indent=1))
+    if bar.disable and not run.verbose:
+      now = time.time()
+      if now - _last_progress[0] >= PROGRESS_SECONDS:
+        _last_progress[0] = now
+        print(f"[{desc}] epoch {epoch + 1}/{ctx.epochs} "
+              f"loss={record['loss']:.4g} ({record['seconds']:.1f} s)",
+              flush=True)
     if run.verbose:
       shown = {k: v for k, v in record.items() if k not in (
           "epoch", "step_size_min", "step_size_max", "sections_done",
@@ -171,6 +183,9 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
       bar.write(f"[{desc}] epoch {epoch + 1}/{ctx.epochs} " + " ".join(
           f"{k}={v:.4g}" for k, v in shown.items()))
   bar.close()
+  if bar.disable and not run.verbose and history:
+    print(f"[{desc}] done: {len(history)} epochs, "
+          f"loss={history[-1]['loss']:.4g}", flush=True)
   compiles = len(traces)
   if compiles > 1:
     warnings.warn(f"[{desc}] the train step was compiled {compiles} times; "

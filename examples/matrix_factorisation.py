@@ -205,12 +205,15 @@ def main(argv=None):
         finals.append(hist[-1])
         if s == 0:
           per_opt[cfg.label] = hist
-      train_loss = float(np.mean([f["train_loss"] for f in finals]))
+      seed_losses = [f["train_loss"] for f in finals]
+      train_loss = float(np.mean(seed_losses))
       runs = [histories[f"{pname}/{cfg.name}/seed{args.seed + s}"]
               for s in range(args.seeds)]
       rows.append(dict(
           problem=pname, optimiser=cfg.label, loss_floor=floor,
           train_loss=train_loss, vs_floor=vs_floor(train_loss, floor),
+          # The seeds' spread: the worst seed's distance from the floor.
+          worst_seed=vs_floor(max(seed_losses), floor),
           test_loss=float(np.mean([f["val_loss"] for f in finals])),
           best_train_loss=float(np.mean([
               min(r["train_loss"] for r in histories[
@@ -223,18 +226,33 @@ def main(argv=None):
                                          for h in runs]))))
     plots.plot_runs(per_opt, workdir / f"{pname}.png",
                     train_key="train_loss", val_key="val_loss",
-                    val_label="test loss",
+                    val_label="test loss", floor=floor,
                     title=f"Matrix factorisation, {pname}")
   _figure2(histories, args, floors, workdir / "figure2.png")
   report.summarise(
       workdir, f"Matrix factorisation, {args.epochs} epochs, batch "
       f"{args.batch_size}, {args.seeds} seed(s), "
       f"{time.time() - t_start:.0f} s", rows,
-      ["problem", "optimiser", "loss_floor", "train_loss", "vs_floor",
-       "best_train_loss", "test_loss", "mean_step_size", "zero_step_share"],
+      ["problem", "optimiser", "loss_floor", "train_loss", "vs_floor"]
+      + (["worst_seed"] if args.seeds > 1 else [])
+      + ["best_train_loss", "test_loss", "mean_step_size", "zero_step_share"],
       histories,
       f"Plots: {workdir / 'figure2.png'} and {workdir}/<problem>.png")
+  print(floor_summary(rows))
   return rows
+
+
+def floor_summary(rows) -> str:
+  """One line per optimiser: how far it ended from each problem's floor."""
+  lines = ["How far each optimiser ended from the floor (xR: R times the "
+           "floor; +G: G above a floor of 0):"]
+  by_opt = {}
+  for r in rows:
+    by_opt.setdefault(r["optimiser"].split(" ")[0], []).append(
+        f"{r['problem']} {r['vs_floor']}")
+  for name, parts in by_opt.items():
+    lines.append(f"  {name:6s} " + "  ".join(parts))
+  return "\n".join(lines)
 
 
 def _figure2(histories, args, floors, path):
@@ -244,22 +262,32 @@ def _figure2(histories, args, floors, path):
   import matplotlib.pyplot as plt
 
   problems = args.problems.split(",")
-  fig, axes = plt.subplots(1, len(problems), figsize=(4 * len(problems), 3.6),
+  fig, axes = plt.subplots(1, len(problems), figsize=(4 * len(problems), 4.0),
                            squeeze=False)
   for ax, pname in zip(axes[0], problems):
-    for cfg in cli.optimiser_configs(args, TUNED_LRS[pname]):
+    for i, cfg in enumerate(cli.optimiser_configs(args, TUNED_LRS[pname])):
       runs = [histories[f"{pname}/{cfg.name}/seed{args.seed + s}"]
               for s in range(args.seeds)]
       curve = np.mean([[r["train_loss"] for r in h] for h in runs], axis=0)
-      ax.plot(np.arange(1, len(curve) + 1), curve, label=cfg.label)
+      ax.plot(np.arange(1, len(curve) + 1), curve, label=cfg.label,
+              **plots.style(i, len(curve)))
     floor = floors[pname]
-    if floor > 1e-12:  # Ranks 10 and full: 0 up to float32 rounding.
+    if floor > 1e-12:
       ax.axhline(floor, color="k", ls="--", lw=0.8, label="loss floor")
-    ax.set(yscale="log", xlabel="epoch", title=pname)
+      ax.set_title(f"{pname} (floor {floor:.4g})")
+    else:  # Ranks 10 and full: 0 up to float32 rounding, off a log axis.
+      ax.set_title(f"{pname} (floor 0)")
+    ax.set(yscale="log", xlabel="epoch")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  axes[0][0].set_ylabel("training loss")
-  fig.tight_layout()
+    plots.integer_epochs(ax)
+  axes[0][0].set_ylabel("training loss (mean over the training set)")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=len(labels),
+             fontsize=8, frameon=False)
+  seeds = f", mean of {args.seeds} seeds" if args.seeds > 1 else ""
+  fig.suptitle(f"Matrix factorisation (Figure 2): training loss per epoch"
+               f"{seeds}")
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 

@@ -81,7 +81,8 @@ class Programs:
     key = (opt, ctx)
     if key not in self._inits:
       def init_one(params, lr, wd):
-        return optimizers.build(opt, lr, wd, ctx).init(params)
+        return optimizers.build(opt, lr, wd, ctx,
+                                 momentum=self.task.momentum).init(params)
       if self.vmapped:
         self._inits[key] = jax.jit(jax.vmap(init_one))
       else:
@@ -124,7 +125,8 @@ class Programs:
 
     if not self.task.loop_steps:
       def one(params, rest, opt_state, lr, wd, idx, x_all, y_all):
-        tx = optimizers.build(opt, lr, wd, ctx)
+        tx = optimizers.build(opt, lr, wd, ctx,
+                                 momentum=self.task.momentum)
 
         def body(carry, ib):
           p, r, s = carry
@@ -143,7 +145,8 @@ class Programs:
       return fn
 
     def upd_one(params, opt_state, g, loss, losses, ib, lr, wd):
-      tx = optimizers.build(opt, lr, wd, ctx)
+      tx = optimizers.build(opt, lr, wd, ctx,
+                                 momentum=self.task.momentum)
       u, opt_state = tx.update(g, opt_state, params, value=loss,
                                losses=losses, indices=ib)
       return optax.apply_updates(params, u), opt_state

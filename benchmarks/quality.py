@@ -46,12 +46,17 @@ def _selection_seeds(task: Task) -> int:
 
 
 def _best_key(task: Task, records: list[dict]):
-  """(lr, wd) with the best mean final validation metric on the sweep seeds."""
+  """(lr, wd) with the best mean final score on the sweep seeds.
+
+  The score is the validation metric, or the training loss for tasks whose
+  result is an optimisation one (``task.select_on``).
+  """
   groups = {}
   for r in records:
     if r["seed"] < _selection_seeds(task):
-      groups.setdefault((r["lr"], r["wd"]), []).append(r["val_metric"][-1])
-  higher = task.higher_is_better
+      groups.setdefault((r["lr"], r["wd"]), []).append(
+          r[task.select_on][-1])
+  higher = task.higher_is_better and task.select_on == "val_metric"
   scores = {k: _nan_to_worst(float(np.mean(v)), higher)
             for k, v in groups.items()}
   return (max if higher else min)(scores, key=scores.get)
@@ -155,7 +160,8 @@ def run_task(task: Task, optimizers, log=print) -> dict[str, Any]:
       "seeds": task.seeds, "weight_decays": list(task.weight_decays),
       "grids": {k: list(v) for k, v in task.grids.items()
                 if k in optimizers},
-      "notes": task.notes, "wall_s": wall,
+      "notes": task.notes, "wall_s": wall, "momentum": task.momentum,
+      "select_on": task.select_on, "loss_floor": task.loss_floor,
       "sweep_note": (
           f"Staged search (CPU budget): step sizes at weight decay "
           f"{task.weight_decays[0]:g} on seed 0, then the other weight "

@@ -39,8 +39,18 @@ def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
   assert len(task["runs"]["aalig"]) == 4
   assert len(task["runs"]["prodigy"]) == 2
 
+  # Sec. 5.1's settings: no momentum, chosen on the training loss, which
+  # the report gives against the rank's Eckart-Young floor.
+  assert task["momentum"] == 0.0 and task["select_on"] == "train_loss"
+  assert task["loss_floor"] == pytest.approx(0.131786, rel=1e-5)
+  scores = {}
+  for r in task["runs"]["aalig"]:
+    scores.setdefault(r["lr"], []).append(r["train_loss"][-1])
+  assert best["lr"] == min(scores, key=lambda k: sum(scores[k]))
+
   text = (tmp_path / "README.md").read_text()
   assert "python -m benchmarks.run --tiny" in text
+  assert "vs floor | epoch within 1% |" in text
   assert "Where AALIG loses" in text and "| AALIG |" in text
   assert results["last_run"]["parts"] == ["overhead", "quality"]
 

@@ -177,7 +177,7 @@ def run_context(num_train: int, epochs: int, batch_size: int,
 def initial_weights(num_features: int, seed: int) -> np.ndarray:
   """The weights [M] the model of `seed` starts from (as the loop's runs)."""
   model = make_model(num_features, nnx.Rngs(seed))
-  return np.asarray(model.linear.kernel.value)[:, 0]
+  return np.asarray(model.linear.kernel[...])[:, 0]
 
 
 def train_grid(data: KernelData, opt: str, lrs: Sequence[float],
@@ -222,8 +222,10 @@ def train_grid(data: KernelData, opt: str, lrs: Sequence[float],
   step_lrs = jax.vmap(step_one, (0, 0, 0, None, None, None))
   step_all = jax.vmap(step_lrs, (0, 0, None, 0, 0, 0))
 
+  # The data are arguments, not closed-over constants (which XLA would copy
+  # into the program: 3 GB for ijcnn1).
   @jax.jit
-  def epoch(w, st, idx):  # idx [steps, S, B]
+  def epoch(w, st, lr_arr, idx, x_tr, y_tr):  # idx [steps, S, B]
     def body(carry, ib):
       w, st = carry
       return step_all(w, st, lr_arr, x_tr[ib], y_tr[ib], ib), None
@@ -254,7 +256,7 @@ def train_grid(data: KernelData, opt: str, lrs: Sequence[float],
     idx = np.stack([
         np.random.default_rng([s, e]).permutation(n)[:spe * b]
         .reshape(spe, b) for s in seeds], axis=1).astype(np.int32)
-    w, state = epoch(w, state, jnp.asarray(idx))
+    w, state = epoch(w, state, lr_arr, jnp.asarray(idx), x_tr, y_tr)
     record()
     if log is not None:
       tl, va = hist["train_loss"][-1], hist["val_acc"][-1]

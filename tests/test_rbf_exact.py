@@ -184,15 +184,14 @@ def _tiny_data():
   return rbf_kernel.KernelData("tiny", k, y[:200], kv, y[200:])
 
 
-@pytest.mark.parametrize("opt,lr", [("aalig", 10.0), ("sgd", 1.0),
-                                    ("sps", 10.0)])
+@pytest.mark.parametrize("opt,lr", [("aalig", 10.0), ("sps", 10.0)])
 def test_sweep_trainer_matches_the_loop(tmp_path, opt, lr):
   from examples import rbf_kernel
   data = _tiny_data()
   ctx = rbf_kernel.run_context(data.num_train, 4, 32)
   assert ctx.steps_per_epoch == 6  # drop_last: 200 // 32.
   grid = rbf_kernel.train_grid(data, opt, [lr / 10, lr], [0, 1], ctx)
-  for j_seed, seed in enumerate((0, 1)):
+  for j_seed, seed in [(1, 1)]:  # The loop's run of the grid's 2nd seed.
     cfg = optimizers.OptConfig(opt, lr)
     run = loop.Run(tmp_path / f"{opt}{seed}", seed, verbose=False)
     _, hist = loop.train_supervised(rbf_kernel.make_problem(data), cfg, ctx,
@@ -225,12 +224,12 @@ def test_example_runs_and_sweeps(data_dir, tmp_path):
   _write(data_dir, "mushrooms.txt", x, y)
   out = tmp_path / "runs"
   rows = rbf_kernel.main([
-      "--datasets", "mushrooms", "--optimisers", "aalig,sgd", "--epochs",
+      "--datasets", "mushrooms", "--optimisers", "aalig", "--epochs",
       "3", "--batch-size", "32", "--seeds", "2", "--lr", "aalig=10",
-      "--lr", "sgd=10", "--workdir", str(out), "--quiet"])
-  assert [r["seeds"] for r in rows] == [2, 2]
+      "--workdir", str(out), "--quiet"])
+  assert [r["seeds"] for r in rows] == [2]
   results = json.loads((out / "results.json").read_text())
-  assert len(results["histories"]) == 4
+  assert len(results["histories"]) == 2
   for hist in results["histories"].values():
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
   sweep = tmp_path / "sweep"

@@ -319,8 +319,14 @@ def summary_row(name: str, opt: str, grid: dict, j: int) -> dict:
   return row
 
 
-def plot_sweep(name: str, grids: dict, chosen: dict, path) -> None:
-  """Training loss (log) and validation accuracy of the chosen step sizes."""
+def plot_sweep(name: str, grids: dict, chosen: dict, path,
+               title: str = "step sizes chosen by validation accuracy"
+               ) -> None:
+  """Training loss (log) and validation accuracy of the chosen step sizes.
+
+  `grids`: optimiser -> :func:`train_grid`'s output (or the same layout);
+  `chosen`: optimiser -> index of its step size.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -333,7 +339,9 @@ def plot_sweep(name: str, grids: dict, chosen: dict, path) -> None:
     label = f"{optimizers.SPECS[opt].label} (lr={grid['lr'][j]:g})"
     # Validation accuracy from epoch 1: the initialisation's (near chance)
     # would squash the curves that matter.
-    for ax, key, first in ((ax_l, "train_loss", 0), (ax_a, "val_acc", 1)):
+    first_val = 1 if ep[0] == 0 else 0
+    for ax, key, first in ((ax_l, "train_loss", 0),
+                           (ax_a, "val_acc", first_val)):
       v = np.asarray(grid[key])[first:, :, j]
       line, = ax.plot(ep[first:], v.mean(1),
                       marker=markers[i % len(markers)],
@@ -349,9 +357,8 @@ def plot_sweep(name: str, grids: dict, chosen: dict, path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
   ax_a.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-  fig.suptitle(f"RBF kernel, {name}: mean over {seeds} seeds (band: "
-               "min-max), step sizes chosen by validation accuracy",
-               fontsize=10)
+  fig.suptitle(f"RBF kernel, {name}: mean over {seeds} seed(s) (band: "
+               f"min-max), {title}", fontsize=10)
   fig.tight_layout()
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -470,6 +477,7 @@ def main(argv=None):
     configs = cli.optimiser_configs(args, TUNED_LRS[name],
                                     common=dict(momentum=args.momentum),
                                     adam={"momentum": 0.0})
+    per_opt = {}
     for cfg in configs:
       finals = []
       for s in range(args.seeds):
@@ -482,6 +490,13 @@ def main(argv=None):
         histories[f"{name}/{cfg.name}/seed{seed}"] = hist
         finals.append(hist[-1])
         sys.stdout.flush()
+      runs = [histories[f"{name}/{cfg.name}/seed{args.seed + s}"]
+              for s in range(args.seeds)]
+      per_opt[cfg.name] = {
+          "lr": [cfg.lr], "seed": [args.seed + s for s in range(args.seeds)],
+          "epoch": [r["epoch"] for r in runs[0]],
+          **{k: np.asarray([[r[k] for r in h] for h in runs]).T[:, :, None]
+             for k in ("train_loss", "val_acc")}}
       mean = lambda k: float(np.mean([f[k] for f in finals]))
       rows.append(dict(dataset=name, optimiser=cfg.label,
                        train_loss=mean("train_loss"),
@@ -490,13 +505,16 @@ def main(argv=None):
       print(f"{name} {cfg.label}: final train_loss {rows[-1]['train_loss']:.4g}"
             f", val_acc {rows[-1]['val_acc']:.4f} (mean of {args.seeds} "
             "seed(s))", flush=True)
+    plot_sweep(name, per_opt, {o: 0 for o in per_opt},
+               workdir / f"{name}.png", title="the step sizes given")
   report.summarise(
       workdir, f"RBF kernel classification, {args.epochs} epochs, batch "
       f"{args.batch_size}, {args.seeds} seed(s), "
       f"{time.time() - t_start:.0f} s", rows,
       ["dataset", "optimiser", "train_loss", "val_acc", "val_loss",
        "train_acc", "seeds"], histories,
-      f"Per-run metrics: {workdir}/<dataset>/<optimiser>_seed<k>/")
+      f"Plots: {workdir}/<dataset>.png; per-run metrics: "
+      f"{workdir}/<dataset>/<optimiser>_seed<k>/")
   return rows
 
 

@@ -28,14 +28,16 @@ batch order.
 Run::
 
     python -m examples.rbf_kernel                    # mushrooms, ~2 min
-    python -m examples.rbf_kernel --datasets ijcnn1  # ~15 min
+    python -m examples.rbf_kernel --datasets ijcnn1  # ~35 min
     python -m examples.rbf_kernel --paper            # both, 3 seeds each
     python -m examples.rbf_kernel --sweep --paper    # the cross-validation
 
 Each runs every optimiser at its tuned step size (:data:`TUNED_LRS`), seed
 0 (``--seeds`` or ``--paper``: more), in the exact settings above; the
 default runs mushrooms only, because ijcnn1's exact kernel (3.1 GB) makes
-its five 35-epoch runs take about 15 minutes on 2 CPU cores.
+its five 35-epoch runs take about 35 minutes on 2 shared CPU cores (10-14
+s per epoch per run, measured 2026-11-23; the sweep trains 21 runs at a
+time in 12-16 s per epoch).
 
 ``--sweep`` trains every optimiser at every step size of its grid
 (:data:`GRIDS`, powers of ten) and every seed in one vmapped program per
@@ -114,7 +116,7 @@ class Preset:
   optimisers: str = ",".join(optimizers.OPTIMISERS)
   seeds: int = 1
   # ijcnn1's exact kernel makes a 35-epoch run of the five optimisers take
-  # about 15 minutes on 2 CPU cores: the default runs mushrooms only (in the
+  # about 35 minutes on 2 CPU cores: the default runs mushrooms only (in the
   # exact settings too); --datasets ijcnn1 or --paper add it.
   datasets: str = "mushrooms"
 

@@ -133,45 +133,57 @@ def matrix_factorisation_task(rank: Optional[int], scale: str,
                 " cannot (no interpolation).")))
 
 
-def rbf_task(name: str, scale: str, seeds: int) -> Task:
-  raw = data_lib.load_libsvm(name)
-  x_tr, y_tr, x_va, y_va = _split_val(raw.x_train, raw.y_train, 0.2)
-  x_te, y_te = raw.x_test, raw.y_test
+def _rbf_sls_data(name: str):
+  """The sls code's RBF data: the exact kernel, its unshuffled 80/20 split.
+
+  Training set: the file's first 80% (mushrooms 6,499, ijcnn1.tr 28,000;
+  see :func:`examples.common.data.load_libsvm_sls`, including the offline
+  assumption that ijcnn1.tr is the first 35,000 rows of LIBSVM's combined
+  ijcnn1 file), featurised by the exact kernel against all of itself. The
+  sls validation set (the last 20%) is cut in two, in file order: its first
+  half is this benchmark's validation set (step-size selection), its second
+  half the held-out test set.
+  """
+  raw = data_lib.load_libsvm_sls(name)
   sigma = problems.RBF_SIGMAS[name]
-  if scale == "cpu":
-    # mushrooms: the exact kernel (every training point a centre), as in the
-    # paper; ijcnn1: 2,000 random centres (the exact 32K x 32K kernel would
-    # not fit the CPU budget).
-    num_centres = {"mushrooms": len(x_tr), "ijcnn1": 2000}[name]
-    max_eval = 10000
-    epochs = {"mushrooms": 20, "ijcnn1": 10}[name]
-  else:
-    num_centres, max_eval, epochs = len(x_tr), None, 35
-  x_va, y_va = x_va[:max_eval], y_va[:max_eval]
-  x_te, y_te = x_te[:max_eval], y_te[:max_eval]
-  centres = problems.rbf_centres(x_tr, num_centres, seed=0)
-  feats = lambda x: data_lib.rbf_features(x, centres, sigma)
-  data = dict(zip(("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"),
-                  _f32(feats(x_tr), y_tr, feats(x_va), y_va, feats(x_te),
-                       y_te)))
+  k_tr = data_lib.rbf_kernel(raw.x_train, raw.x_train, sigma, same=True)
+  k_rest = data_lib.rbf_kernel(raw.x_test, raw.x_train, sigma)
+  half = len(raw.y_test) // 2
+  return dict(x_train=k_tr, y_train=raw.y_train,
+              x_val=k_rest[:half], y_val=raw.y_test[:half],
+              x_test=k_rest[half:], y_test=raw.y_test[half:])
+
+
+def rbf_task(name: str, scale: str, seeds: int) -> Task:
+  data = _rbf_sls_data(name)
+  data = dict(zip(data, _f32(*data.values())))
+  n = len(data["y_train"])
+  sigma = problems.RBF_SIGMAS[name]
+  # The paper's 35 epochs; at CPU scale ijcnn1's exact 28,000 x 28,000
+  # kernel gets 10 (each epoch streams 3.1 GB per configuration's batches).
+  epochs = 35 if scale != "cpu" or name == "mushrooms" else 10
   grid = _pow10(-3, 2)
+  y_va = data["y_val"]
   return Task(
       name=f"rbf_{name}", label=f"RBF kernel, {name}",
       interpolating=name == "mushrooms",
-      make_model=lambda seed: models_lib.LinearModel(len(centres),
-                                                     rngs=nnx.Rngs(seed)),
+      # nn.Linear(N, 1, bias=False) with PyTorch's initialisation (sls).
+      make_model=lambda seed: models_lib.LinearModel(
+          n, use_bias=False, kernel_init=models_lib.torch_linear_init,
+          rngs=nnx.Rngs(seed)),
       per_example_loss=problems.logistic_loss,
       per_example_metric=problems.binary_accuracy,
       metric="accuracy", higher_is_better=True, data=data, batch_size=100,
-      epochs=epochs, grids={n: grid for n in QUALITY_OPTS}, seeds=seeds,
-      notes=(f"logistic regression on RBF features (sigma {sigma}) against "
-             + (f"all {len(centres)} training points (the exact kernel); "
-                if len(centres) == len(x_tr) else
-                f"{len(centres)} random training points (Nystrom-style); ")
-             + f"{len(y_tr)} train / "
-             f"{len(y_va)} validation / {len(y_te)} test (the LIBSVM file "
-             f"split 80/20, then 20% of train held out), batch 100; "
-             f"always predicting the majority class scores "
+      epochs=epochs, grids={n_: grid for n_ in QUALITY_OPTS}, seeds=seeds,
+      notes=(f"logistic regression on the exact RBF kernel (sigma {sigma}) "
+             f"against all {n} training points, a bias-free linear model "
+             f"with PyTorch's init, as the sls code: the LIBSVM file "
+             + ("(ijcnn1.tr: offline, the first 35,000 rows of the combined "
+                "ijcnn1 file, an assumption) " if name == "ijcnn1" else "")
+             + f"split 80/20 unshuffled, the 20% cut in two: {n} train / "
+             f"{len(y_va)} validation / {len(data['y_test'])} test, batch "
+             f"100, drop_last, {epochs} epochs; always predicting the "
+             f"majority class scores "
              f"{max(np.mean(y_va), 1 - np.mean(y_va)):.4f} on validation."))
 
 

@@ -74,14 +74,16 @@ class LinearModel(nnx.Module):
     in_dim: number of features.
     use_bias: add a bias (off for kernel models, whose features already
       include each centre's own similarity).
-    rngs: initialisation randomness (weights start at zero, as usual for
-      convex problems).
+    rngs: initialisation randomness.
+    kernel_init: the weights' initialiser: zeros by default (as usual for
+      convex problems); :data:`torch_linear_init` for PyTorch's
+      ``nn.Linear(in_dim, 1)``, the sls code's RBF-kernel model.
   """
 
   def __init__(self, in_dim: int, use_bias: bool = True, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, kernel_init=nnx.initializers.zeros):
     self.linear = nnx.Linear(in_dim, 1, use_bias=use_bias,
-                             kernel_init=nnx.initializers.zeros, rngs=rngs)
+                             kernel_init=kernel_init, rngs=rngs)
 
   def __call__(self, x, train: bool = True):
     del train

@@ -62,7 +62,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 import time
@@ -303,8 +302,8 @@ def choose(grid: dict) -> int:
   loss = np.asarray(grid["train_loss"][-1], np.float64).mean(0)
   acc = np.nan_to_num(acc, nan=-1.0)
   loss = np.nan_to_num(loss, nan=np.inf)
-  keys = [(-round(float(a), 6), float(l), float(lr))
-          for a, l, lr in zip(acc, loss, grid["lr"])]
+  keys = [(-round(float(a), 6), float(tl), float(lr))
+          for a, tl, lr in zip(acc, loss, grid["lr"])]
   return int(min(range(len(keys)), key=keys.__getitem__))
 
 
@@ -396,8 +395,8 @@ def sweep(args, names, opts) -> list[dict]:
       final = grid["val_acc"][-1].mean(0)
       loss = grid["train_loss"][-1].mean(0)
       log(f"{name} {opt}: " + ", ".join(
-          f"lr {lr:g}: val_acc {a:.4f} train_loss {l:.4g}"
-          for lr, a, l in zip(lrs, final, loss))
+          f"lr {lr:g}: val_acc {a:.4f} train_loss {tl:.4g}"
+          for lr, a, tl in zip(lrs, final, loss))
           + f" -> lr {grid['lr'][chosen[opt]]:g} ({row['seconds']:.0f} s)")
     report.write_files(workdir, {f"sweep_{name}.json": {
         "settings": dict(epochs=args.epochs, batch_size=args.batch_size,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bz2
 import json
-import os
 import pathlib
 
 import numpy as np

@@ -199,8 +199,12 @@ def _stack(trees):
 
 
 def train(task: Task, progs: Programs, opt: str, configs: list,
-           data_dev: dict) -> list[dict]:
-  """Trains the (lr, wd, seed) `configs` of `opt`; one record each."""
+          data_dev: dict, final: dict | None = None) -> list[dict]:
+  """Trains the (lr, wd, seed) `configs` of `opt`; one record each.
+
+  `final`, if given, receives the last chunk's trained ``params``, ``rest``
+  and ``opt_state`` (a leading configuration axis), for tests.
+  """
   ctx = task.ctx
   per_call = task.configs_per_call or len(configs)
   records = []
@@ -240,6 +244,8 @@ def train(task: Task, progs: Programs, opt: str, configs: list,
     tel, tem = progs.evaluate(eval_params(params, opt_state), rest,
                               data_dev["x_test"], data_dev["y_test"])
     tel, tem = np.asarray(tel), np.asarray(tem)
+    if final is not None:
+      final.update(params=params, rest=rest, opt_state=opt_state)
     for i, (lr, wd, seed) in enumerate(chunk):
       records.append({
           "lr": lr, "wd": wd, "seed": seed,

@@ -129,7 +129,7 @@ def test_momo_gets_the_loss_value():
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
   _, state = tx.update({"w": jnp.ones(3)}, state, params,
-                       value=jnp.float32(2.5), losses=jnp.ones(5),
+                       value=2.5, losses=jnp.ones(5),
                        indices=jnp.arange(5))
   # The first step's loss average is the value itself (beta is 0 at step 0).
   momo_state = optimizers.aalig_state(state, (optax.contrib.MomoState,))

@@ -168,8 +168,15 @@ def _momo(lr, wd, ctx, momentum, schedule):
   # MoMo (Schaipp et al. 2023): SGD with momentum 0.9 and a Polyak-type
   # step min(lr, (f_bar - lower bound + ...) / ||d||^2) from the minibatch
   # loss `value=` (lower bound 0); its own weight decay, as in its paper.
+  # optax 0.2.6 (the floor) calls value.astype: a Python float would fail.
   del ctx, momentum, schedule
-  return optax.contrib.momo(lr, weight_decay=0.0 if wd is None else wd)
+  tx = optax.contrib.momo(lr, weight_decay=0.0 if wd is None else wd)
+
+  def update(updates, state, params=None, *, value=None, **extra):
+    value = None if value is None else jnp.asarray(value)
+    return tx.update(updates, state, params, value=value, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def schedule_free_warmup(ctx: RunContext) -> int:

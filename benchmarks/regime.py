@@ -238,7 +238,13 @@ def write_report(results: dict, out: pathlib.Path) -> None:
       "SGD and Adam. The schedule-free optimisers are evaluated at "
       "`optax.contrib.schedule_free_eval_params` (their averaged iterate); "
       "their training-curve points below are minibatch losses at the "
-      "gradient point y.", ""]
+      "gradient point y.", "",
+      "Wall times (per task here, per optimiser in `regime.json`) are not "
+      "step timings: the machine was shared with other jobs, and under the "
+      "engine's `vmap` over configurations AALIG's epoch- and section-end "
+      "`lax.cond`s become selects that touch its N-entry tables at every "
+      "step, which a single unvmapped run does not do. Step cost is "
+      "measured in [README.md](README.md), section 1.", ""]
   for tname, t in results["tasks"].items():
     lines += [f"## {t['label']}", "", t["notes"], "",
               f"{t['num_train']} training examples, {t['steps_per_epoch']} "

@@ -218,7 +218,8 @@ def write_report(results: dict, out: pathlib.Path) -> None:
       "unable to interpolate (their final training accuracy is in the "
       "tables). Every optimiser's step-size hyperparameter (AALIG, ALI-G, "
       "SPS, MoMo: the maximal step size; SGD, Adam, schedule-free: the "
-      "learning rate) is searched over four powers of ten, weight decay over "
+      "learning rate) is searched over four or five powers of ten (listed per "
+      "task), weight decay over "
       "the paper's {0, 1e-5, 1e-4, 1e-3}. The search is staged: step sizes "
       "at weight decay 0 on seed 0, then the three other weight decays at "
       "the best step size on seed 0, then the chosen pair on the remaining "
@@ -289,6 +290,19 @@ def write_report(results: dict, out: pathlib.Path) -> None:
             "three seeds, not a significance test.", ""]
   for t in results["tasks"].values():
     lines += _compare(t, labels)
+  lines += ["", "Ranks (1 = best, over the optimisers of the task's run):", ""]
+  for t in results["tasks"].values():
+    if "aalig" not in t["best"]:
+      continue
+    bs = t["best"]
+    rank = lambda key, hi: 1 + sum(
+        (b[key]["mean"] > bs["aalig"][key]["mean"]) == hi
+        and b[key]["mean"] != bs["aalig"][key]["mean"] for b in bs.values())
+    lines.append(
+        f"- **{t['label']}**: AALIG ranks {rank('test_metric', True)} of "
+        f"{len(bs)} on test accuracy, {rank('val_metric', True)} on "
+        f"validation accuracy and {rank('train_loss', False)} on final "
+        f"training loss.")
   lines += ["", f"![training curves]({CURVES_PNG})", "",
             "Training curves: each optimiser's chosen configuration, the "
             "mean minibatch training loss of each epoch (log scale), mean "

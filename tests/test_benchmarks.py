@@ -55,6 +55,7 @@ def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
 # The regime tasks and the optimisers added for them (benchmarks/regime.py).
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -67,6 +68,7 @@ regime = pytest.importorskip("benchmarks.regime")
 optimizers = pytest.importorskip("examples.common.optimizers")
 
 
+@functools.lru_cache(maxsize=None)  # Loading Fashion-MNIST takes seconds.
 def _tiny_regime(name, epochs=2):
   try:
     task = tasks.make_task(name, "cpu", 2, 2)

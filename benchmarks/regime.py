@@ -321,8 +321,12 @@ def curves_png(results: dict, labels: dict, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, len(ts), figsize=(6.2 * len(ts), 4.6),
                            squeeze=False)
   markers = "osD^vP*Xh<>"
+  # AALIG in black, the others in tab10's ten colours: no colour twice.
+  others = list(plt.get_cmap("tab10").colors)
   for ax, t in zip(axes.flat, ts):
+    colours = iter(others * 2)
     for i, (o, b) in enumerate(t["best"].items()):
+      colour = "k" if o == "aalig" else next(colours)
       runs = [r for r in t["runs"][o]
               if (r["lr"], r["wd"]) == (b["lr"] if b["lr"] is not None
                                         else 1.0, b["wd"])]
@@ -330,6 +334,7 @@ def curves_png(results: dict, labels: dict, path: pathlib.Path) -> None:
       ep = np.arange(1, c.shape[1] + 1)
       every = max(1, len(ep) // 10)
       line, = ax.plot(ep, c.mean(0), marker=markers[i % len(markers)],
+                      color=colour,
                       markevery=(i % every, every), ms=5,
                       lw=2.4 if o == "aalig" else 1.2,
                       label=labels.get(o, o), zorder=3 if o == "aalig" else 2)

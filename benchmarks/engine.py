@@ -4,7 +4,9 @@ Every configuration (learning rate, weight decay, seed) of one optimiser on
 one task runs in one compiled program: a ``vmap`` over configurations of a
 ``lax.scan`` over an epoch's steps, so a grid costs one compilation. The
 heavy tasks (``loop_steps``) run a Python loop of two programs instead (see
-:meth:`Programs.epoch_fn`).
+:meth:`Programs.epoch_fn`). Models are evaluated at
+:func:`examples.common.optimizers.eval_params` (the schedule-free
+optimisers' averaged iterate, the parameters for the others).
 """
 
 from __future__ import annotations
@@ -75,7 +77,19 @@ class Programs:
       self.evaluate = evaluate
     self._epochs = {}
     self._inits = {}
+    self._evals = {}
     self._grad = None
+
+  def eval_params_fn(self, opt: str):
+    """(params, opt_state) of a batch of configurations -> the params to
+    evaluate (:func:`optimizers.eval_params`); the identity for most."""
+    if optimizers.SPECS[opt].eval_params is None:
+      return lambda params, opt_state: params
+    if opt not in self._evals:
+      # Both engines keep a leading configuration axis (size 1 unvmapped).
+      self._evals[opt] = jax.jit(jax.vmap(
+          lambda p, s: optimizers.eval_params(opt, s, p)))
+    return self._evals[opt]
 
   def init_fn(self, opt: str, ctx):
     key = (opt, ctx)
@@ -188,8 +202,12 @@ def _stack(trees):
 
 
 def train(task: Task, progs: Programs, opt: str, configs: list,
-           data_dev: dict) -> list[dict]:
-  """Trains the (lr, wd, seed) `configs` of `opt`; one record each."""
+          data_dev: dict, final: dict | None = None) -> list[dict]:
+  """Trains the (lr, wd, seed) `configs` of `opt`; one record each.
+
+  `final`, if given, receives the last chunk's trained ``params``, ``rest``
+  and ``opt_state`` (a leading configuration axis), for tests.
+  """
   ctx = task.ctx
   per_call = task.configs_per_call or len(configs)
   records = []
@@ -204,7 +222,8 @@ def train(task: Task, progs: Programs, opt: str, configs: list,
     opt_state = jax.tree.map(jnp.array, opt_state)  # No shared buffers.
     epoch_fn = progs.epoch_fn(opt, ctx)
     hist = {"epoch_loss": [], "eval_epoch": [], "train_loss": [],
-            "val_loss": [], "val_metric": []}
+            "train_metric": [], "val_loss": [], "val_metric": []}
+    eval_params = progs.eval_params_fn(opt)
     s_e, b = ctx.steps_per_epoch, ctx.batch_size
     for epoch in range(task.epochs):
       idx = np.stack([
@@ -215,23 +234,28 @@ def train(task: Task, progs: Programs, opt: str, configs: list,
           data_dev["x_train"], data_dev["y_train"])
       hist["epoch_loss"].append(np.asarray(eloss))
       if task.eval_every_epoch or epoch == task.epochs - 1:
-        tl, _ = progs.evaluate(params, rest, data_dev["x_train"],
-                               data_dev["y_train"])
-        vl, vm = progs.evaluate(params, rest, data_dev["x_val"],
+        p_eval = eval_params(params, opt_state)
+        tl, tm = progs.evaluate(p_eval, rest, data_dev["x_train"],
+                                data_dev["y_train"])
+        vl, vm = progs.evaluate(p_eval, rest, data_dev["x_val"],
                                 data_dev["y_val"])
         hist["eval_epoch"].append(epoch + 1)
         hist["train_loss"].append(np.asarray(tl))
+        hist["train_metric"].append(np.asarray(tm))
         hist["val_loss"].append(np.asarray(vl))
         hist["val_metric"].append(np.asarray(vm))
-    tel, tem = progs.evaluate(params, rest, data_dev["x_test"],
-                              data_dev["y_test"])
+    tel, tem = progs.evaluate(eval_params(params, opt_state), rest,
+                              data_dev["x_test"], data_dev["y_test"])
     tel, tem = np.asarray(tel), np.asarray(tem)
+    if final is not None:
+      final.update(params=params, rest=rest, opt_state=opt_state)
     for i, (lr, wd, seed) in enumerate(chunk):
       records.append({
           "lr": lr, "wd": wd, "seed": seed,
           "epoch_loss": [float(h[i]) for h in hist["epoch_loss"]],
           "eval_epoch": list(hist["eval_epoch"]),
           "train_loss": [float(h[i]) for h in hist["train_loss"]],
+          "train_metric": [float(h[i]) for h in hist["train_metric"]],
           "val_loss": [float(h[i]) for h in hist["val_loss"]],
           "val_metric": [float(h[i]) for h in hist["val_metric"]],
           "test_loss": float(tel[i]), "test_metric": float(tem[i]),

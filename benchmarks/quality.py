@@ -132,6 +132,7 @@ def select_best(task: Task, opt: str, records: list[dict]) -> dict[str, Any]:
       "val_metric": stat("val_metric"),
       "test_metric": stat("test_metric"),
       "train_loss": stat("train_loss"),
+      "train_metric": stat("train_metric"),
       "epoch_loss_curve": [float(x) for x in curve],
       "sweep": sweep,
       "num_seeds": len(rs),

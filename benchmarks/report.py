@@ -228,7 +228,8 @@ def write(results: dict, out: pathlib.Path) -> None:
               "flattening of AALIG's curves in the training-loss plot). "
               "These tables measure that short-budget regime; they neither "
               "confirm nor refute the paper's 200-epoch results, which "
-              "`--scale paper` is for.",
+              "`--scale paper` is for; [`regime.md`](regime.md) runs that "
+              "regime in miniature (sections of 5 epochs, 50 in all).",
               "- On the interpolating matrix factorisation (rank 10) the "
               "paper itself reports that AALIG does not drive the loss to "
               "machine precision as ALI-G and SPS do.",
@@ -253,5 +254,11 @@ def write(results: dict, out: pathlib.Path) -> None:
             "and AALIG.",
             "- `scaling.json`, `scaling.md` (if present) come from "
             "`benchmarks/scaling.py`, not from this runner.",
+            "- [`regime.md`](regime.md), `regime.json`, `regime_curves.png` "
+            "(if present) come from `benchmarks/regime.py`: the paper's "
+            "image/text regime in miniature (models that cannot "
+            "interpolate, 50 epochs in K = 10 sections of 5 epochs, the "
+            "paper's weight-decay grid, MoMo and schedule-free SGD/AdamW "
+            "beside the optimisers above).",
             ""]
   report_lib.write_files(out, {"README.md": "\n".join(lines)})

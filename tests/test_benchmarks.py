@@ -1,8 +1,14 @@
 """Smoke test of the benchmark runner: a tiny end-to-end run and its outputs."""
 
+import dataclasses
+import functools
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 run = pytest.importorskip("benchmarks.run")
@@ -59,3 +65,142 @@ def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
             "--hlo-dir", str(tmp_path / "hlo")])
   again = json.loads((tmp_path / "results.json").read_text())
   assert "mf_rank1" in again["quality"]["tasks"]
+
+
+# --------------------------------------------------------------------------
+# The regime tasks and the optimisers added for them (benchmarks/regime.py).
+
+
+engine = pytest.importorskip("benchmarks.engine")
+tasks = pytest.importorskip("benchmarks.tasks")
+regime = pytest.importorskip("benchmarks.regime")
+optimizers = pytest.importorskip("examples.common.optimizers")
+
+
+@functools.lru_cache(maxsize=None)  # Loading Fashion-MNIST takes seconds.
+def _regime_task(name):
+  try:
+    return tasks.make_task(name, "cpu", 3, 3)
+  except Exception as e:  # pylint: disable=broad-except
+    if type(e).__name__ == "DataUnavailableError":
+      pytest.skip(str(e))
+    raise
+
+
+def _tiny_regime(name, epochs=2):
+  return dataclasses.replace(tasks.tiny(_regime_task(name)), epochs=epochs)
+
+
+def _data(task):
+  return {k: jnp.asarray(v) for k, v in task.data.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+  return _tiny_regime("regime_fmnist_mlp")
+
+
+def test_regime_tasks_are_the_regime():
+  """Full-size tasks: K = 10 sections of 5 epochs, the paper's wd grid, all
+  of Fashion-MNIST, models far too small to interpolate."""
+  for name in tasks.REGIME_TASK_NAMES:
+    task = _regime_task(name)
+    assert task.epochs >= 50 and task.ctx.epochs_per_section == 5
+    assert task.weight_decays == (0.0, 1e-5, 1e-4, 1e-3)
+    assert not task.interpolating and task.sweep_seeds == 1
+    assert all(o in task.grids for o in tasks.REGIME_OPTS)
+    assert task.configs_per_call == 0 and not task.loop_steps  # vmapped
+    n_params = sum(x.size for x in jax.tree.leaves(
+        engine._split(task.make_model(0))[1]))
+    targets = task.data["y_train"].size  # labels, or characters
+    assert n_params < targets / 4, (name, n_params, targets)
+  mlp = _regime_task("regime_fmnist_mlp")
+  assert mlp.num_train + len(mlp.data["y_val"]) == 60_000
+  assert len(mlp.data["y_test"]) == 10_000
+
+
+@pytest.mark.parametrize("name", ["regime_fmnist_mlp", "regime_tolstoi_lstm"])
+def test_regime_task_trains_tiny(name):
+  task = _tiny_regime(name)
+  progs = engine.Programs(task)
+  recs = engine.train(task, progs, "aalig", [(0.1, 1e-4, 0), (1.0, 0.0, 1)],
+                      _data(task))
+  assert len(recs) == 2
+  for r in recs:
+    assert len(r["epoch_loss"]) == 2 and np.all(np.isfinite(r["epoch_loss"]))
+    assert 0.0 <= r["train_metric"][-1] <= 1.0
+    assert 0.0 <= r["test_metric"] <= 1.0
+
+
+def test_momo_gets_the_loss_value():
+  ctx = optimizers.RunContext.create(10, 5, 2)
+  tx = optimizers.build("momo", 0.1, 0.0, ctx)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(3)}, state, params,
+                       value=2.5, losses=jnp.ones(5),
+                       indices=jnp.arange(5))
+  # The first step's loss average is the value itself (beta is 0 at step 0).
+  momo_state = optimizers.aalig_state(state, (optax.contrib.MomoState,))
+  assert float(momo_state.barf) == pytest.approx(2.5)
+  with pytest.raises((ValueError, TypeError)):  # No value: no MoMo step.
+    tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+
+
+def test_momo_trains_in_the_engine(tiny_mlp):
+  task = tiny_mlp
+  recs = engine.train(task, engine.Programs(task), "momo",
+                      [(1.0, 0.0, 0)], _data(task))
+  losses = recs[0]["epoch_loss"]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("opt", ["sf_sgd", "sf_adamw"])
+def test_schedule_free_is_evaluated_at_its_eval_params(tiny_mlp, opt):
+  task = tiny_mlp
+  progs = engine.Programs(task)
+  data = _data(task)
+  final = {}
+  recs = engine.train(task, progs, opt, [(0.1 if opt == "sf_sgd" else 1e-2,
+                                          1e-4, 0)], data, final)
+  p, r, s = final["params"], final["rest"], final["opt_state"]
+  state0 = jax.tree.map(lambda x: x[0], s)
+  x_params = jax.tree.map(
+      lambda x: x[None], optax.contrib.schedule_free_eval_params(
+          state0, jax.tree.map(lambda x: x[0], p)))
+  at_x = progs.evaluate(x_params, r, data["x_test"], data["y_test"])
+  at_y = progs.evaluate(p, r, data["x_test"], data["y_test"])
+  assert recs[0]["test_loss"] == pytest.approx(float(at_x[0][0]), rel=1e-5)
+  # The check can fail: the gradient point y is another model.
+  assert abs(float(at_y[0][0]) - float(at_x[0][0])) > 1e-4
+  # The registry helper finds the state inside wrappers too.
+  chained = (optax.EmptyState(), state0)
+  got = optimizers.eval_params(opt, chained, jax.tree.map(lambda x: x[0], p))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0]), got,
+               x_params)
+  # Every other optimiser is evaluated at its parameters.
+  assert optimizers.eval_params("aalig", state0, p) is p
+
+
+def test_regime_runner_tiny(tmp_path: pathlib.Path, monkeypatch):
+  # Only the MLP task and two optimisers (seconds); the staged search runs
+  # its three stages (step sizes, weight decays, other seeds).
+  monkeypatch.setattr(regime, "make", lambda name, seeds, epochs, tiny:
+                      dataclasses.replace(_tiny_regime(name),
+                                          weight_decays=(0.0, 1e-4)))
+  res = regime.main(["--tiny", "--tasks", "regime_fmnist_mlp",
+                     "--optimizers", "aalig,sf_sgd", "--seeds", "2",
+                     "--out", str(tmp_path)])
+  for name in ("regime.json", "regime.md", "regime_curves.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  t = json.loads((tmp_path / "regime.json").read_text())["tasks"][
+      "regime_fmnist_mlp"]
+  # 2 step sizes (seed 0) + 1 other weight decay (seed 0) + 1 other seed.
+  assert len(t["runs"]["aalig"]) == 4
+  best = t["best"]["aalig"]
+  assert best["num_seeds"] == 2 and "train_metric" in best
+  text = (tmp_path / "regime.md").read_text()
+  assert "python -m benchmarks.regime --tiny" in text
+  assert "| AALIG |" in text and "| SF-SGD |" in text
+  assert "Where AALIG wins and loses" in text
+  assert res["tasks"]["regime_fmnist_mlp"]["sections_epochs"] == 1

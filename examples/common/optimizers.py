@@ -11,15 +11,19 @@ decay and the run context, and is wrapped so that one call serves them all:
 ``tx.update(grads, state, params, value=mean_loss, losses=per_example_losses,
 indices=dataset_indices, mask=mask)``; each takes the keywords it needs and
 ignores the others. Hyperparameters may be traced (the quality benchmark
-vmaps over them).
+vmaps over them). Evaluate a model at :func:`eval_params` of the optimiser
+state and the parameters: the parameters themselves, except for the
+schedule-free optimisers, whose gradients are taken at an interpolation of
+the averaged iterate (the model to evaluate) and the SGD/Adam iterate.
 
 Weight decay: AALIG takes it as its own argument (kept out of the Polyak
-denominator and of the momentum buffer, see SPEC.md); the other tuned
+denominator and of the momentum buffer, see docs/algorithm.md); the other tuned
 optimisers get the usual coupled L2 term, ``optax.add_decayed_weights`` in
 front of them (PyTorch's ``weight_decay=`` for SGD, Adam, and the papers'
-ALI-G/SPS runs). ``wd=None`` adds no term at all. The learning-rate-free
-optimisers of ``optax.contrib`` run at their defaults (learning_rate=1,
-weight_decay=0): that is how a user picks them.
+ALI-G/SPS runs), except MoMo and the schedule-free optimisers, which take it
+as their own argument as their papers do. ``wd=None`` adds no term at all.
+The learning-rate-free optimisers of ``optax.contrib`` run at their
+defaults (learning_rate=1, weight_decay=0): that is how a user picks them.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import aalig_optax
 from examples.common import data as data_lib
 
 __all__ = ["OPTIMISERS", "OptConfig", "OptSpec", "RunContext", "SPECS",
-           "aalig_state", "build", "learning_rate", "logged_step_size",
-           "make_optimizer"]
+           "aalig_state", "build", "eval_params", "learning_rate",
+           "logged_step_size", "make_optimizer"]
 
 # The optimisers an example may pick with --optimisers.
 OPTIMISERS = ("aalig", "alig", "sps", "adam", "sgd")
@@ -160,6 +164,51 @@ def _contrib(make):
   return lambda lr, wd, ctx, momentum, schedule: make()
 
 
+def _momo(lr, wd, ctx, momentum, schedule):
+  # MoMo (Schaipp et al. 2023): SGD with momentum 0.9 and a Polyak-type
+  # step min(lr, (f_bar - lower bound + ...) / ||d||^2) from the minibatch
+  # loss `value=` (lower bound 0); its own weight decay, as in its paper.
+  # optax 0.2.6 (the floor) calls value.astype: a Python float would fail.
+  del ctx, momentum, schedule
+  tx = optax.contrib.momo(lr, weight_decay=0.0 if wd is None else wd)
+
+  def update(updates, state, params=None, *, value=None, **extra):
+    value = None if value is None else jnp.asarray(value)
+    return tx.update(updates, state, params, value=value, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def schedule_free_warmup(ctx: RunContext) -> int:
+  """The schedule-free optimisers' linear warm-up: 5% of the run's steps.
+
+  Defazio et al. (2024) warm up every run; optax's default is none.
+  """
+  return max(1, ctx.total_steps // 20)
+
+
+def _sf_sgd(lr, wd, ctx, momentum, schedule):
+  del momentum, schedule
+  return optax.contrib.schedule_free_sgd(
+      lr, warmup_steps=schedule_free_warmup(ctx), weight_decay=wd)
+
+
+def _sf_adamw(lr, wd, ctx, momentum, schedule):
+  del momentum, schedule
+  return optax.contrib.schedule_free_adamw(
+      lr, warmup_steps=schedule_free_warmup(ctx),
+      weight_decay=0.0 if wd is None else wd)
+
+
+def _schedule_free_eval(opt_state, params):
+  # The ScheduleFreeState wherever it sits in the state (a bare
+  # schedule_free_* state, or one inside a chain or extra-args wrapper).
+  kind = optax.contrib.ScheduleFreeState
+  state = next(s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, kind)) if isinstance(s, kind))
+  return optax.contrib.schedule_free_eval_params(state, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptSpec:
   name: str
@@ -168,6 +217,8 @@ class OptSpec:
   build: Callable
   tuned: bool  # True: one step-size hyperparameter cross-validated.
   description: str
+  # (opt_state, params) -> the parameters to evaluate; None: params.
+  eval_params: Optional[Callable] = None
 
 
 SPECS = {
@@ -191,6 +242,17 @@ SPECS = {
                 "optax.contrib.dog() defaults"),
         OptSpec("dadapt", "D-Adapt AdamW", _contrib(optax.contrib.dadapt_adamw),
                 False, "optax.contrib.dadapt_adamw() defaults"),
+        OptSpec("momo", "MoMo", _momo, True,
+                "optax.contrib.momo(max_lr, beta=0.9, lower_bound=0, "
+                "weight_decay=wd); update gets value= (minibatch loss)"),
+        OptSpec("sf_sgd", "SF-SGD", _sf_sgd, True,
+                "optax.contrib.schedule_free_sgd(lr, b1=0.9, warmup 5% of "
+                "steps, weight_decay=wd); evaluated at "
+                "schedule_free_eval_params", _schedule_free_eval),
+        OptSpec("sf_adamw", "SF-AdamW", _sf_adamw, True,
+                "optax.contrib.schedule_free_adamw(lr, warmup 5% of steps, "
+                "weight_decay=wd); evaluated at schedule_free_eval_params",
+                _schedule_free_eval),
     ]
 }
 
@@ -213,6 +275,17 @@ def build(name: str, lr, wd, ctx: RunContext, *, momentum: float = 0.9,
     raise ValueError(f"unknown optimiser {name!r}; one of {tuple(SPECS)}")
   return optax.with_extra_args_support(
       SPECS[name].build(lr, wd, ctx, momentum, schedule))
+
+
+def eval_params(name: str, opt_state, params):
+  """The parameters to evaluate a model at, after training with `name`.
+
+  `params` itself, except for the schedule-free optimisers:
+  ``optax.contrib.schedule_free_eval_params`` of their state (the averaged
+  iterate x, not the point y their gradients were taken at). Traceable.
+  """
+  fn = SPECS[name].eval_params
+  return params if fn is None else fn(opt_state, params)
 
 
 @dataclasses.dataclass(frozen=True)

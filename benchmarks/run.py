@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--heavy-seeds", type=int, default=2,
                       help="seeds of the ResNet and char-RNN tasks")
   parser.add_argument("--tasks", default="",
-                      help=f"comma-separated subset of {tasks.TASK_NAMES}")
+                      help=f"comma-separated, default {tasks.TASK_NAMES}; "
+                      f"also {tasks.SHORT_TASK_NAMES}")
   parser.add_argument("--optimizers", default="",
                       help="comma-separated subset of "
                       f"{tasks.QUALITY_OPTS} (quality)")

@@ -418,8 +418,13 @@ def regime_tolstoi_lstm_task(seeds: int, epochs: int = 50) -> Task:
              f"text (see its final training accuracy)."))
 
 
+# The default run: Sec. 5.1's problems in the paper's own settings.
 TASK_NAMES = ("mf_rank1", "mf_rank4", "mf_rank10", "mf_full", "rbf_ijcnn1",
-              "rbf_mushrooms", "resnet", "char_rnn")
+              "rbf_mushrooms")
+# Short-budget deep tasks (a few epochs at CPU scale, the paper's budgets
+# with --scale paper): --tasks resnet,char_rnn. At CPU scale they are not
+# the regime AALIG is built for; benchmarks/regime.py is.
+SHORT_TASK_NAMES = ("resnet", "char_rnn")
 # Not in the default run (minutes each): `python -m benchmarks.regime`.
 REGIME_TASK_NAMES = ("regime_fmnist_mlp", "regime_tolstoi_lstm")
 
@@ -441,7 +446,7 @@ def make_task(name: str, scale: str, seeds: int, heavy_seeds: int) -> Task:
   if name == "regime_tolstoi_lstm":
     return regime_tolstoi_lstm_task(heavy_seeds)
   raise ValueError(f"unknown task {name!r}; choose from "
-                   f"{TASK_NAMES + REGIME_TASK_NAMES}")
+                   f"{TASK_NAMES + SHORT_TASK_NAMES + REGIME_TASK_NAMES}")
 
 
 def tiny(task: Task) -> Task:

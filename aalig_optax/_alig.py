@@ -64,11 +64,6 @@ def checked_step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
   gamma are not used.
   """
   gamma = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
-  leaves = jax.tree.leaves(grads32)
-  if len(leaves) > 1 and not any(_explicit_sharding(g) for g in leaves):
-    # One vector, so that the branch compiles to a few kernels whatever the
-    # number of leaves (a copy of the gradient, on this rare path only).
-    grads32 = jnp.concatenate([jnp.ravel(g) for g in leaves])
   top = optax.tree.max(jax.tree.map(jnp.abs, grads32))
   e = jnp.clip(jnp.ceil(jnp.log2(top)), 0, 126).astype(jnp.int32)
   s = jnp.ldexp(jnp.float32(1), -e)
@@ -80,13 +75,6 @@ def checked_step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
   return (jnp.where(overflow, c, gamma), jnp.where(overflow, s, 1.0),
           jnp.where(overflow, c * s, gamma),
           ~overflow | jnp.isfinite(top))
-
-
-def _explicit_sharding(x) -> bool:
-  """Whether x's type is sharded over a mesh axis of Explicit type."""
-  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-  explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-  return explicit is not None and explicit in getattr(mesh, "axis_types", ())
 
 
 def momentum_or_identity(momentum):

@@ -28,19 +28,19 @@ B = 64
 MAX_EXTRA_KERNELS = 24
 
 
-def _params():
-  return {"w": jnp.zeros((100, 100), jnp.float32),
+def _params(width=100):
+  return {"w": jnp.zeros((width, 100), jnp.float32),
           "b": jnp.zeros((100,), jnp.float32)}
 
 
-def _compiled_part(tx, num_examples=1000):
+def _compiled_part(tx, num_examples=1000, width=100):
   """update + apply_updates, params and state donated, compiled."""
   def part(params, state, grads, losses, idx):
     updates, state = tx.update(grads, state, params, value=jnp.mean(losses),
                                losses=losses, indices=idx)
     return optax.apply_updates(params, updates), state
 
-  params = _params()
+  params = _params(width)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   idx = jnp.asarray(np.random.default_rng(0).integers(0, num_examples, B),
                     jnp.int32)
@@ -73,6 +73,14 @@ def test_step_temporaries_do_not_grow_with_the_table(kwargs):
     assert not copies, copies[:3]
   assert temps[1] == temps[0], temps
   assert temps[0] < 64 * 1024, temps
+
+
+def test_step_temporaries_do_not_grow_with_the_parameters():
+  """Nor with the model: no gradient-sized scratch (e.g. a flattened copy of
+  the gradient in the overflow branch, allocated at every call)."""
+  temps = [_temp_bytes(_compiled_part(ao.aalig(0.1, 1000, 10**6, 10**3),
+                                      width=w)) for w in (100, 10_000)]
+  assert temps[1] == temps[0] and temps[0] < 64 * 1024, temps
 
 
 def test_section_end_alone_needs_no_table_sized_temporary():

@@ -14,9 +14,14 @@ and 10^7 examples, no section end while timing):
   (:mod:`benchmarks.timing`): medians, paired ratios, fastest-decile ratios.
 
 Self-contained, so that it runs unchanged against an older checkout (run
-from that checkout's root: ``python /path/to/benchmarks/lean_step.py``)::
+from that checkout's root: ``python /path/to/benchmarks/lean_step.py``).
+With ``--baseline PATH`` (the root of another checkout) that checkout's
+``aalig_optax`` is loaded too, renamed, and timed interleaved with this one
+(``base_aalig_*``): a before/after comparison in one process, under the same
+machine load::
 
   python -m benchmarks.lean_step [--rounds 40] [--steps 50] [--json out.json]
+      [--baseline ../older-checkout]
 """
 
 from __future__ import annotations
@@ -52,13 +57,33 @@ def per_example_losses(p, x, y):
   return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)[:, 0]
 
 
-def optimisers(n_small, n_big):
-  return {
+def load_baseline(root):
+  """`root`/aalig_optax, imported as the package `aalig_baseline`."""
+  import pathlib
+  import shutil
+  import tempfile
+  dst = pathlib.Path(tempfile.mkdtemp()) / "aalig_baseline"
+  shutil.copytree(pathlib.Path(root) / "aalig_optax", dst)
+  for f in dst.glob("*.py"):
+    f.write_text(f.read_text().replace("aalig_optax", "aalig_baseline"))
+  sys.path.insert(0, str(dst.parent))
+  import importlib
+  return importlib.import_module("aalig_baseline")
+
+
+def optimisers(n_small, n_big, baseline=None):
+  out = {
       "sgd": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
       "polyak_sgd": lambda: optax.polyak_sgd(1.0, eps=1e-8),
       f"aalig_N{n_small:.0e}": lambda: ao.aalig(0.1, n_small, 10**6, 10**3),
       f"aalig_N{n_big:.0e}": lambda: ao.aalig(0.1, n_big, 10**6, 10**3),
   }
+  if baseline is not None:
+    out[f"base_aalig_N{n_small:.0e}"] = lambda: baseline.aalig(
+        0.1, n_small, 10**6, 10**3)
+    out[f"base_aalig_N{n_big:.0e}"] = lambda: baseline.aalig(
+        0.1, n_big, 10**6, 10**3)
+  return out
 
 
 def train_step(tx):
@@ -139,9 +164,12 @@ def main(argv=None):
   ap.add_argument("--compile-reps", type=int, default=5)
   ap.add_argument("--n-big", type=int, default=10**7)
   ap.add_argument("--json", default=None)
+  ap.add_argument("--baseline", default=None,
+                  help="root of another checkout to compare with")
   args = ap.parse_args(argv)
   n_small = 10**3
-  txs = optimisers(n_small, args.n_big)
+  txs = optimisers(n_small, args.n_big,
+                   load_baseline(args.baseline) if args.baseline else None)
   rng = np.random.default_rng(0)
   p = params0()
   xs = jnp.asarray(rng.standard_normal((16, B, D_IN)), jnp.float32)
@@ -216,6 +244,15 @@ def main(argv=None):
   res["big_over_small"] = {
       "step_paired": res["step"]["vs_aalig_small_n"][big]["paired"],
       "opt_part_paired": res["opt_part"]["vs_aalig_small_n"][big]["paired"]}
+  if args.baseline:
+    bsmall, bbig = "base_" + small, "base_" + big
+    for name, t in (("step", t_step), ("opt_part", t_part)):
+      res[name]["vs_base_aalig_small_n"] = ratios(t, bsmall)
+      print(f"{name:8s} N=1e3 new/base paired "
+            f"{res[name]['vs_base_aalig_small_n'][small]['paired']:.3f}; "
+            f"base N=big/N=1e3 paired "
+            f"{res[name]['vs_base_aalig_small_n'][bbig]['paired']:.3f}",
+            flush=True)
   res["environment"] = dict(
       jax=jax.__version__, optax=optax.__version__,
       backend=jax.default_backend(), nproc=os.cpu_count(),

@@ -22,6 +22,7 @@ machine load::
 
   python -m benchmarks.lean_step [--rounds 40] [--steps 50] [--json out.json]
       [--baseline ../older-checkout]
+  python /path/to/benchmarks/lean_step.py --overhead-models   # HLO only
 """
 
 from __future__ import annotations
@@ -157,6 +158,40 @@ def ratios(times, ref):
   return out
 
 
+def overhead_models_hlo():
+  """The optimiser part's HLO counts on the overhead benchmark's models.
+
+  Linear (3072 -> 10), ResNet8 and the 512x512 MLP, built from
+  ``examples.common`` (present in older checkouts too); SGD, SPS
+  (``optax.polyak_sgd``) and AALIG as the overhead benchmark builds them
+  (N = 50,000, batch 128).
+  """
+  from flax import nnx
+  from examples.common import models as models_lib
+  from examples.common import optimizers
+  out = {}
+  for name in ("linear", "resnet", "mlp"):
+    rngs = nnx.Rngs(0)
+    model = {"linear": lambda: models_lib.MLP(3072, (), 10, rngs=rngs),
+             "resnet": lambda: models_lib.ResNet8(10, 3, 16, rngs=rngs),
+             "mlp": lambda: models_lib.MLP(3072, (512, 512), 10, rngs=rngs),
+             }[name]()
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    grads = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), params)
+    ctx = optimizers.RunContext.create(50_000, 128, 200, drop_remainder=True)
+    for opt in ("sgd", "sps", "aalig"):
+      tx = optimizers.build(opt, 0.1, 0.0, ctx)
+      compiled = opt_part(tx).lower(
+          params, tx.init(params), grads, jnp.float32(1.0), jnp.ones(128),
+          jnp.arange(128, dtype=jnp.int32)).compile()
+      h = hlo_counts(compiled)
+      out[f"{name}/{opt}"] = h
+      print(f"{name:7s} {opt:6s} kernels {h['kernels']:4d} fusions "
+            f"{h['fusions']:4d} copies {h['copies']} temp "
+            f"{h['temp_bytes']:,} B", flush=True)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--rounds", type=int, default=40)
@@ -166,7 +201,16 @@ def main(argv=None):
   ap.add_argument("--json", default=None)
   ap.add_argument("--baseline", default=None,
                   help="root of another checkout to compare with")
+  ap.add_argument("--overhead-models", action="store_true",
+                  help="only the optimiser part's HLO counts on the overhead "
+                  "benchmark's models (linear, ResNet8, MLP)")
   args = ap.parse_args(argv)
+  if args.overhead_models:
+    res = overhead_models_hlo()
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
   n_small = 10**3
   txs = optimisers(n_small, args.n_big,
                    load_baseline(args.baseline) if args.baseline else None)

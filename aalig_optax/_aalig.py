@@ -26,21 +26,28 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _MAX_MOMENTUM = float(np.nextafter(np.float32(1), np.float32(0)))
 
 
-def _batch_mean(values, subtract, n, axis_name):
-  """mean(values - subtract) over the batch (and `axis_name`), for masked rows.
+def _batch_mean(total, n):
+  """The batch's mean from its total (summed over `axis_name`) and count."""
+  return total / jnp.maximum(n, 1.0)
 
-  Summed first, as usual; where finite values overflow that sum, summed again
-  after dividing each term by n.
-  """
+
+def _scaled_mean(values, subtract, n, axis_name):
+  """mean(values - subtract) for masked rows, summed after dividing each term
+  by n: finite where finite values overflow the plain sum."""
   n1 = jnp.maximum(n, 1.0)
-  total = _tables.psum(jnp.sum(values), axis_name)
   scaled = values / n1
   if subtract is not None:
-    total = total - _tables.psum(jnp.sum(subtract), axis_name)
     scaled = scaled - subtract / n1
-  mean = total / n1
+  return _tables.psum(jnp.sum(scaled), axis_name)
+
+
+def _overflow_safe_mean(total, values, n, axis_name):
+  """mean(values) (masked rows), `total` their sum over `axis_name`: the sum
+  first, as usual, and where finite values overflow it, summed again after
+  dividing each term by n."""
+  mean = _batch_mean(total, n)
   return jnp.where(jnp.isfinite(mean), mean,
-                   _tables.psum(jnp.sum(scaled), axis_name))
+                   _scaled_mean(values, None, n, axis_name))
 
 
 def scale_by_aalig(
@@ -130,6 +137,26 @@ def scale_by_aalig(
     2022 (AALIG), Algorithms 1-2; Berrada, Zisserman, Kumar, "Training
     Neural Networks for and by Interpolation" (ALI-G), ICML 2020.
   """
+  return _scale_by_aalig(
+      max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
+      lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
+      table_dtype=table_dtype, axis_name=axis_name)[0]
+
+
+def _scale_by_aalig(
+    max_learning_rate: chex.Numeric,
+    num_examples: int,
+    steps_per_epoch: int,
+    epochs_per_section: int,
+    *,
+    lower_bound: chex.Numeric = 0.0,
+    eps: chex.Numeric = 1e-5,
+    loss_estimate: str = "last",
+    table_dtype: Any = jnp.float32,
+    axis_name: Optional[str] = None,
+):
+  """scale_by_aalig's transform, and its `step` (see there), which also says
+  whether the batch was skipped and whether a hyperparameter was clipped."""
   num_examples = _checks.static_positive_int("num_examples", num_examples)
   if num_examples > I32_MAX:
     raise ValueError(
@@ -204,9 +231,8 @@ def scale_by_aalig(
         config=config,
     )
 
-  def update_fn(updates, state, params=None, *, losses=None, indices=None,
-                mask=None, **extra_args):
-    del params, extra_args
+  def step(updates, state, losses, indices, mask):
+    """(update, new state, skip, clipped): the update of one batch."""
     _state.check_state_fits(state, config, axis_name)
     losses, indices, mask = _checks.check_batch(
         losses, indices, mask, num_examples)
@@ -227,28 +253,45 @@ def scale_by_aalig(
                                              table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound
 
-    aov_b = _tables.take(state.aov, safe_idx).astype(jnp.float32)
-    n = _tables.psum(jnp.sum(valid, dtype=jnp.float32), axis_name)
-    gap = _batch_mean(jnp.where(valid, losses, 0.0),
-                      jnp.where(valid, aov_b, 0.0), n, axis_name)
-    gap = jnp.where(n > 0, gap, 0.0)
+    def kept(losses, aov, safe_idx, valid):
+      """The valid rows' losses and AOVs, zero elsewhere."""
+      aov_b = _tables.take(aov, safe_idx).astype(jnp.float32)
+      return jnp.where(valid, losses, 0.0), jnp.where(valid, aov_b, 0.0)
+
+    batch = (losses, state.aov, safe_idx, valid)
+    kept_losses, kept_aovs = kept(*batch)
+    # The batch's counts and sums, in one pass over its rows.
+    n, loss_sum, aov_sum, num_invalid = _tables.psum(_tables.batch_sums(
+        valid.astype(jnp.float32), kept_losses, kept_aovs,
+        (mask & ~in_range).astype(jnp.int32)), axis_name)
+    mean = _batch_mean(loss_sum - aov_sum, n)
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
-    # inf * 0 and nan * 0 are NaN: a finite sum means a finite gradient, even
-    # where its squared norm overflows float32.
-    grads_finite = jnp.isfinite(sq_norm) | jnp.isfinite(
-        optax.tree.sum(optax.tree.scale(0.0, grads32)))
+
+    def rare(batch, grads32):
+      # The mean overflowed, or ||g||^2 is not finite: the gap summed again
+      # after scaling, and the step size of a scaled gradient.
+      scaled = _scaled_mean(*kept(*batch), n, axis_name)
+      gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled), 0.0)
+      return _alig.checked_step_coefficients(gap, grads32, sq_norm, max_lr,
+                                             eps_) + (gap,)
+
+    def usual(batch, grads32):
+      del batch, grads32
+      gap = jnp.where(n > 0, mean, 0.0)
+      step = _alig.polyak_step_size(gap, sq_norm, max_lr, eps_)
+      return step, jnp.float32(1), step, jnp.bool_(True), gap
+
+    coef, scale, step_size, grads_finite, gap = jax.lax.cond(
+        ~(jnp.isfinite(mean) & jnp.isfinite(sq_norm)), rare, usual, batch,
+        grads32)
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
     skip = ~(jnp.isfinite(gap) & grads_finite)
-    coef, scale, step_size = _alig.step_coefficients(
-        gap, grads32, sq_norm, max_lr, eps_)
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
         updates)
 
     record = valid & ~skip
-    num_invalid = _tables.psum(jnp.sum(mask & ~in_range, dtype=jnp.int32),
-                               axis_name)
     write_idx = _tables.gather(jnp.where(record, safe_idx, num_examples),
                                axis_name)
     rec_losses = _tables.gather(jnp.clip(losses, -table_max, table_max),
@@ -264,12 +307,16 @@ def scale_by_aalig(
         step_size=jnp.where(skip, state.step_size, step_size),
         num_invalid=saturating_add(state.num_invalid, num_invalid),
         num_skipped=saturating_add(state.num_skipped, skip),
-        num_clipped=saturating_add(state.num_clipped, clipped),
+        # Unchanged, with no op in the program, unless a value was injected.
+        num_clipped=(state.num_clipped if clipped is False else
+                     saturating_add(state.num_clipped, clipped)),
         config=config)
     if best_epoch:
       rec_n = _tables.psum(jnp.sum(record, dtype=jnp.float32), axis_name)
       rec_losses_b = jnp.where(record, losses, 0.0)
-      rec_mean = _batch_mean(rec_losses_b, None, rec_n, axis_name)
+      rec_mean = _overflow_safe_mean(
+          _tables.psum(jnp.sum(rec_losses_b), axis_name), rec_losses_b, rec_n,
+          axis_name)
       total = state.epoch_loss_count + rec_n
       # A convex combination of two means: no sum that could overflow.
       new_state = new_state._replace(
@@ -284,9 +331,15 @@ def scale_by_aalig(
     new_state = jax.lax.cond(~skip & (count % steps_per_section == 0),
                              lambda s: _aov.end_section(s, bound),
                              lambda s: s, new_state)
+    return new_updates, new_state, skip, clipped
+
+  def update_fn(updates, state, params=None, *, losses=None, indices=None,
+                mask=None, **extra_args):
+    del params, extra_args
+    new_updates, new_state, _, _ = step(updates, state, losses, indices, mask)
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn), step
 
 
 def aalig(
@@ -362,7 +415,7 @@ def aalig(
   """
   _checks.check_momentum(momentum)
   _checks.check_non_negative("weight_decay", weight_decay)
-  core = scale_by_aalig(
+  core, core_step = _scale_by_aalig(
       max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
       table_dtype=table_dtype, axis_name=axis_name)
@@ -373,23 +426,27 @@ def aalig(
   def init_fn(params):
     return core.init(params), trace.init(params)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, losses=None, indices=None,
+                mask=None, **extra_args):
+    del extra_args
     core_state, trace_state = state
     grads = updates
-    updates, new_core = core.update(updates, core_state, params,
-                                    **extra_args)
+    updates, new_core, skipped, core_clipped = core_step(
+        updates, core_state, losses, indices, mask)
     # Injected values outside [0, 1) and [0, inf) are clipped, and counted
     # once a step with the core's own.
     mu, bad_mu = _checks.clip_injected(momentum, 0.0, _MAX_MOMENTUM, 0.0)
     wd, bad_wd = _checks.clip_injected(weight_decay, 0.0, jnp.inf, 0.0)
-    core_clipped = new_core.num_clipped != core_state.num_clipped
-    new_core = new_core._replace(num_clipped=saturating_add(
-        new_core.num_clipped, (bad_mu | bad_wd) & ~core_clipped))
+    bad = bad_mu | bad_wd
+    if bad is not False:  # Only where a value was injected.
+      if core_clipped is not False:
+        bad = bad & ~core_clipped
+      new_core = new_core._replace(num_clipped=saturating_add(
+          new_core.num_clipped, bad))
     # A batch the core skipped must move nothing. The core's update is then
     # zero, so a decay of 1 keeps the momentum buffer as it was; arithmetic,
     # not a select between old and new buffers, which would make XLA copy
     # the donated buffer at every step.
-    skipped = new_core.num_skipped != core_state.num_skipped
     if has_momentum:
       decay = jnp.where(skipped, 1.0, mu)
       # optax.trace(momentum, nesterov=True), with that decay.

@@ -54,6 +54,29 @@ def step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
                       usual)
 
 
+def checked_step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
+  """(c, s, gamma, grads_finite): :func:`step_coefficients` and whether g is
+  finite, with both of its cases computed (for a branch taken rarely).
+
+  A finite ||g||^2 means a finite g. Otherwise (inf or NaN) g is finite
+  exactly when max|g| is, which the overflow case computes anyway to scale g.
+  Where g or `gap` is not finite the caller skips the batch and c, s and
+  gamma are not used.
+  """
+  gamma = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
+  top = optax.tree.max(jax.tree.map(jnp.abs, grads32))
+  e = jnp.clip(jnp.ceil(jnp.log2(top)), 0, 126).astype(jnp.int32)
+  s = jnp.ldexp(jnp.float32(1), -e)
+  r = optax.tree.norm(optax.tree.scale(s, grads32), squared=True)
+  # gamma / s = gap s / (r + eps s^2), clipped at max_learning_rate / s.
+  c = (gap * s) / (r + (eps * s) * s)
+  c = jnp.clip(c, 0.0, max_learning_rate * jnp.ldexp(jnp.float32(1), e))
+  overflow = ~jnp.isfinite(sq_norm)
+  return (jnp.where(overflow, c, gamma), jnp.where(overflow, s, 1.0),
+          jnp.where(overflow, c * s, gamma),
+          ~overflow | jnp.isfinite(top))
+
+
 def momentum_or_identity(momentum):
   if isinstance(momentum, (int, float)) and momentum == 0:
     return optax.identity()

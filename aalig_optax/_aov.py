@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -58,19 +59,37 @@ def update_aovs(
   a = aov.astype(jnp.float32)
   d = aov_step.astype(jnp.float32)
   lo = jnp.asarray(loss_estimate).astype(jnp.float32)
-  seen = ~jnp.isnan(lo)
-  reached = lo <= a
+  # Not reached is `seen & ~(lo <= a)`: `lo > a`, or a NaN AOV next to a seen
+  # loss. Each output is written with its own comparisons, so that XLA
+  # builds each in one pass without a shared [N] mask in memory.
   # a/2 + lo/2 rounds as (a + lo)/2 does, but cannot overflow to inf.
   # The new step first, then the AOV from it (equal to the old step where
   # reached): each table then reads only itself and tables already written,
   # so that under `jit` XLA updates both in place (no per-step table copy).
-  new_d = jnp.where(seen & ~reached, lo / 2 - a / 2, d).astype(aov_step.dtype)
+  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
+  new_d = jnp.where(up, lo / 2 - a / 2, d).astype(aov_step.dtype)
   new_a = jnp.where(
-      reached,
+      lo <= a,
       jnp.maximum(a - new_d.astype(jnp.float32) / 2,
                   jnp.asarray(lower_bound, jnp.float32)),
-      a / 2 + lo / 2)
-  return jnp.where(seen, new_a, a).astype(dtype), new_d
+      jnp.where(jnp.isnan(lo), a, a / 2 + lo / 2))
+  return new_a.astype(dtype), new_d
+
+
+def _count_reached_and_seen(estimate, aov):
+  """(#{estimate <= aov}, #{estimate not NaN}) in one variadic reduction.
+
+  One pass over both tables, with the comparisons fused into it: two
+  `jnp.sum`s of converted masks would each be split by XLA:CPU into a
+  parallel reduce-window whose int32 [N] operand is materialised, and the
+  temporary buffer of a program (allocated at every call, whichever branch
+  of the section-end `cond` runs) would grow with N.
+  """
+  reached = (aov >= estimate).astype(jnp.int32)
+  seen = (~jnp.isnan(estimate)).astype(jnp.int32)
+  zero = jnp.zeros([], jnp.int32)
+  return jax.lax.reduce((reached, seen), (zero, zero),
+                        lambda x, y: (x[0] + y[0], x[1] + y[1]), (0,))
 
 
 def end_epoch(state: ScaleByAaligState) -> ScaleByAaligState:
@@ -93,10 +112,14 @@ def end_section(state: ScaleByAaligState,
   best_epoch = state.best_loss is not None
   estimate = state.best_loss if best_epoch else state.last_loss
   # Two independent reductions straight from the tables (NaN compares False).
-  num_reached = jnp.sum(estimate <= state.aov, dtype=jnp.int32)
-  num_seen = jnp.sum(~jnp.isnan(estimate), dtype=jnp.int32)
-  aov, aov_step = update_aovs(state.aov, state.aov_step, estimate,
-                              lower_bound)
+  num_reached, num_seen = _count_reached_and_seen(estimate, state.aov)
+  # The bound, made to depend on the counts (num_seen is never negative):
+  # the reduction that reads the old AOVs is then ordered before the fusion
+  # that overwrites them, so that XLA updates the table in place rather than
+  # copying it at every step.
+  bound = jnp.where(num_seen >= 0, jnp.asarray(lower_bound, jnp.float32),
+                    jnp.nan)
+  aov, aov_step = update_aovs(state.aov, state.aov_step, estimate, bound)
   state = state._replace(
       aov=aov, aov_step=aov_step,
       reached_fraction=(num_reached.astype(jnp.float32)

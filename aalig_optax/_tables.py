@@ -11,8 +11,9 @@ def record(table, write_idx, values):
 
   Duplicated indices keep their lowest value: a deterministic choice, unlike a
   plain scatter-set whose winner XLA leaves unspecified. The rows are sorted by
-  (index, value) and every row writes its index's lowest value, so one plain
-  scatter-set suffices whoever wins. (A scatter-min would do, but XLA
+  (index, value); the first row of each index holds its lowest value, and the
+  other rows of that index are sent out of range, so that one plain
+  scatter-set writes each index once. (A scatter-min would do, but XLA
   partitions one into a replicated table from a sharded batch as an
   all-reduce-min of the whole table, O(N) per step, which also turns the NaN
   of never-seen examples into inf.)
@@ -27,10 +28,10 @@ def record(table, write_idx, values):
   write_idx = _replicate_on(write_idx, mesh)
   values = _replicate_on(values, mesh)
   idx, values = jax.lax.sort((write_idx, values), num_keys=2)
-  rows = jnp.arange(idx.shape[0])
-  first = (rows == 0) | (idx != jnp.roll(idx, 1))
-  lowest = values[jax.lax.cummax(jnp.where(first, rows, 0))]
-  return table.at[idx].set(lowest, mode="drop",
+  if idx.shape[0] > 1:
+    first = jnp.concatenate([jnp.ones((1,), jnp.bool_), idx[1:] != idx[:-1]])
+    idx = jnp.where(first, idx, table.shape[0])
+  return table.at[idx].set(values, mode="drop",
                            **_explicit_out_sharding(table))
 
 
@@ -111,6 +112,21 @@ def gather(x, axis_name):
   placed = jnp.zeros((n,) + x.shape, x.dtype).at[
       jax.lax.axis_index(axis_name)].set(x)
   return jax.lax.psum(placed, axis_name).reshape((-1,) + x.shape[1:])
+
+
+def batch_sums(*columns):
+  """The sums of batch-sized columns, in one pass over the rows.
+
+  One variadic reduction: on XLA:CPU a `jnp.sum` each would be one to three
+  kernels each (a reduction is split into partial sums over threads, whose
+  operand is first written to memory). On a mesh with Explicit axes, where a
+  variadic reduction has no sharding rule, one `jnp.sum` per column.
+  """
+  if any(_explicit_mesh(c) is not None for c in columns):
+    return tuple(jnp.sum(c) for c in columns)
+  zeros = tuple(jnp.zeros([], c.dtype) for c in columns)
+  return tuple(jax.lax.reduce(
+      columns, zeros, lambda x, y: tuple(a + b for a, b in zip(x, y)), (0,)))
 
 
 def psum(x, axis_name):

@@ -15,6 +15,7 @@ from examples.common import models as models_lib
 __all__ = ["make_model", "model_source"]
 
 _DESC = {
+    "linear": "examples.common.models.MLP(hidden=()), a linear model",
     "resnet": "examples.common.models.ResNet8 (width 16)",
     "mlp": "examples.common.models.MLP(hidden=(512, 512))",
     "char_rnn": "examples.common.models.CharRNN(hidden=128, num_layers=2)",
@@ -27,6 +28,11 @@ def make_model(name: str, *, num_classes: int = 10, in_shape=(32, 32, 3),
   rngs = nnx.Rngs(seed)
   if name == "resnet":
     return models_lib.ResNet8(num_classes, in_shape[-1], 16, rngs=rngs)
+  if name == "linear":
+    n_in = 1
+    for d in in_shape:
+      n_in *= d
+    return models_lib.MLP(n_in, (), num_classes, rngs=rngs)
   if name == "mlp":
     n_in = 1
     for d in in_shape:

@@ -1,6 +1,7 @@
 """Step overhead: the same jitted, donated Flax train step under each optimiser.
 
-For each model (the paper's small ResNet on 32x32x3 batches of 128, and an
+For each model (a linear model, the smallest step and so the largest
+relative overhead; the paper's small ResNet on 32x32x3 batches of 128; and an
 MLP on the same batches) and each optimiser, one train step is compiled once:
 forward, per-example losses, gradient of their mean, ``tx.update`` (given
 ``value=``, ``losses=`` and ``indices=``), ``optax.apply_updates``; params,
@@ -12,9 +13,12 @@ step and its ratio to ``optax.sgd(momentum=0.9, nesterov=True)``.
 Where the time goes: the optimiser part alone (``tx.update`` plus
 ``apply_updates`` on the model's parameter shapes, jitted and donated) is
 timed the same way, and its compiled HLO is summarised (top-level kernels by
-opcode, XLA's flop and byte estimates). For AALIG it is also timed with a
-table of 1.2M examples (ImageNet-sized) to check that a step's cost does not
-grow with N (only the section end is O(N)).
+opcode, XLA's flop and byte estimates, the temporary buffer it allocates at
+every call). For AALIG it is also timed with a table of 1.2M examples
+(ImageNet-sized) to check that a step's cost does not grow with N (only the
+section end is O(N)), and on the models of ``sweep_models`` the whole train
+step runs with tables of each size in ``table_sizes``, interleaved, its time
+reported against the smallest table's (:func:`table_sweep`).
 """
 
 from __future__ import annotations
@@ -119,8 +123,15 @@ def hlo_summary(compiled) -> dict[str, Any]:
   skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
   kernels = {k: v for k, v in sorted(entry.items()) if k not in skip}
   out = {"entry_ops": kernels, "num_kernels": int(sum(kernels.values())),
+         "num_fusions": int(kernels.get("fusion", 0)),
          "copies": copies,
          "copy_bytes": int(sum(c["bytes"] for c in copies))}
+  try:
+    # Allocated at every call (on XLA:CPU, the untaken branches' scratch
+    # included): what a step costs beyond its inputs and outputs.
+    out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass
   try:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -240,9 +251,57 @@ def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
   }
 
 
+def table_sweep(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
+  """AALIG's train step with tables of each size in ``cfg["table_sizes"]``.
+
+  The same model and batches for every size, the sizes interleaved; each
+  step time against the smallest table's (median, per-round paired ratio,
+  fastest decile), and the compiled step's kernels and temporary bytes. A
+  step touches only the batch's rows: the ratios should stay near 1.
+  """
+  batch, sizes = cfg["batch"], sorted(cfg["table_sizes"])
+  model = _sources.make_model(model_name, num_classes=10,
+                              in_shape=(32, 32, 3), seed=0)
+  graphdef, params0, rest0 = _split(model)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  fns, hlo = {}, {}
+  for n in sizes:
+    ctx = optimizers.RunContext.create(n, batch, 200, drop_remainder=True)
+    tx = optimizers.build("aalig", OVERHEAD_OPTS["aalig"], 0.0, ctx)
+    idx_all = jnp.asarray(rng.integers(0, n, (16, batch)), jnp.int32)
+    copy = lambda t: jax.tree.map(jnp.array, t)
+    p, r = copy(params0), copy(rest0)
+    s = tx.init(p)
+    t0 = time.perf_counter()
+    compiled = make_train_step(graphdef, tx).lower(
+        p, r, s, x, y, idx_all[0]).compile()
+    hlo[str(n)] = hlo_summary(compiled)
+    hlo[str(n)]["compile_s"] = time.perf_counter() - t0
+    fns[str(n)] = timing.Runner(compiled, (p, r, s),
+                                [(x, y, i) for i in idx_all])
+  for f in fns.values():
+    f(cfg["warmup"])
+  t = timing.interleave(fns, cfg["rounds"][model_name],
+                        cfg["steps_per_round"][model_name])
+  base = str(sizes[0])
+  res = {k: _summ(v, t[base]) for k, v in t.items()}
+  for n in sizes:
+    log(f"  [{model_name}] AALIG, N = {n:>10,}: step "
+        f"{1e3 * res[str(n)]['median_s']:8.3f} ms, paired ratio to "
+        f"N = {sizes[0]:,}: {res[str(n)]['paired_ratio_median']:.3f}, temp "
+        f"{hlo[str(n)].get('temp_bytes', -1):,} B")
+  return {"model": model_name, "table_sizes": sizes, "step": res,
+          "hlo_step": hlo}
+
+
 def run(cfg: dict, log=print) -> dict[str, Any]:
-  out = {"config": cfg, "models": {}}
+  out = {"config": cfg, "models": {}, "table_sweep": {}}
   for m in cfg["models"]:
     log(f"overhead: {m}")
     out["models"][m] = bench_model(m, cfg, log=log)
+  for m in cfg.get("sweep_models", []):
+    log(f"overhead: table-size sweep on {m}")
+    out["table_sweep"][m] = table_sweep(m, cfg, log=log)
   return out

@@ -46,18 +46,20 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
       "optimisers' fastest-decile turns (the turns least disturbed by other "
       "load on a shared machine). *opt part* is `tx.update` + "
       "`apply_updates` alone, jitted and donated, timed the same way; "
-      "*kernels* counts the top-level operations of its compiled HLO, "
-      "*copies* the `copy` ops among them (and the bytes they write), *MB* "
-      "XLA's estimate "
-      "of the bytes it reads and writes.", ""]
+      "*kernels* counts the top-level operations of its compiled HLO "
+      "(*fusions* those that are fusions: on a GPU each is a kernel launch), "
+      "*copies* the `copy` ops among them (and the bytes they write), *temp* "
+      "the temporary buffer it allocates at every call, *MB* XLA's estimate "
+      "of the bytes it reads and writes; *compile* is the first compilation "
+      "of the whole train step.", ""]
   for name, m in res["models"].items():
     lines += [f"### {name}: `{m['model_source']}`, "
               f"{m['num_params']:,} parameters", ""]
     lines += ["| optimiser | step (ms) | ratio | paired [IQR] | fastest 10% "
-              "| opt part (µs) | opt part − SGD's (µs) | kernels | copies "
-              "| MB |",
+              "| opt part (µs) | opt part − SGD's (µs) | kernels | fusions "
+              "| copies | temp (kB) | MB | compile (s) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-              "| ---: |"]
+              "| ---: | ---: | ---: | ---: |"]
     for n, st in m["step"].items():
       p = m["opt_part"][n]
       h = m["hlo_opt_part"][n]
@@ -67,19 +69,61 @@ def _overhead_md(res: dict, labels: dict) -> list[str]:
           f"[{st['paired_ratio_q25']:.3f}, {st['paired_ratio_q75']:.3f}] | "
           f"{st.get('p10_ratio', float('nan')):.3f} | "
           f"{1e6 * p['median_s']:.0f} | {p['extra_over_sgd_us']:+.0f} | "
-          f"{h['num_kernels']} | {_copies(h)} | "
-          f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} |")
+          f"{h['num_kernels']} | {_fusions(h)} | {_copies(h)} | "
+          f"{_temp_kb(h)} | "
+          f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} | "
+          f"{m['hlo_step'][n].get('compile_s', float('nan')):.2f} |")
     if "aalig_bigN" in m["opt_part"]:
       p = m["opt_part"]["aalig_bigN"]
       h = m["hlo_opt_part"]["aalig_bigN"]
       lines.append(
           f"| AALIG, N = {m['big_num_examples']:,} | | | | | "
           f"{1e6 * p['median_s']:.0f} | {p['extra_over_sgd_us']:+.0f} | "
-          f"{h['num_kernels']} | {_copies(h)} | "
-          f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} |")
+          f"{h['num_kernels']} | {_fusions(h)} | {_copies(h)} | "
+          f"{_temp_kb(h)} | "
+          f"{h.get('bytes_accessed', float('nan')) / 1e6:.1f} | |")
     lines.append("")
+  lines += _table_sweep_md(res)
   lines += _where_time_goes(res, labels)
   lines += [f"![step overhead]({OVERHEAD_PNG})", ""]
+  return lines
+
+
+def _fusions(h: dict) -> str:
+  return str(h.get("num_fusions", h["entry_ops"].get("fusion", 0)))
+
+
+def _temp_kb(h: dict) -> str:
+  return f"{h['temp_bytes'] / 1e3:,.1f}" if "temp_bytes" in h else "–"
+
+
+def _table_sweep_md(res: dict) -> list[str]:
+  """The whole train step against the size of AALIG's tables."""
+  sweeps = res.get("table_sweep") or {}
+  if not sweeps:
+    return []
+  lines = ["### Table size", "",
+           "AALIG's whole train step (as above) with tables of N examples, "
+           "the sizes interleaved; *paired* and *fastest 10%* are against "
+           "the smallest N. A step reads and writes only the batch's rows, "
+           "so neither its time nor its temporary buffer should grow with "
+           "N (the section end, the one O(N) operation, does not run here).",
+           ""]
+  for name, sw in sweeps.items():
+    base = sw["table_sizes"][0]
+    lines += [f"**{name}**", "",
+              f"| N | step (ms) | paired to N = {base:,} [IQR] "
+              "| fastest 10% | kernels | fusions | copies | temp (kB) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in sw["table_sizes"]:
+      st, h = sw["step"][str(n)], sw["hlo_step"][str(n)]
+      lines.append(
+          f"| {n:,} | {1e3 * st['median_s']:.3f} | "
+          f"{st['paired_ratio_median']:.3f} [{st['paired_ratio_q25']:.3f}, "
+          f"{st['paired_ratio_q75']:.3f}] | {st['p10_ratio']:.3f} | "
+          f"{h['num_kernels']} | {_fusions(h)} | {_copies(h)} | "
+          f"{_temp_kb(h)} |")
+    lines.append("")
   return lines
 
 

@@ -32,19 +32,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def overhead_config(scale: str, tiny: bool) -> dict:
-  cfg = dict(models=["resnet", "mlp"], batch=128, num_examples=50_000,
+  cfg = dict(models=["linear", "resnet", "mlp"], batch=128,
+             num_examples=50_000,
              optimizers=list(overhead.OVERHEAD_OPTS), warmup=2,
-             rounds={"resnet": 20, "mlp": 40},
-             steps_per_round={"resnet": 2, "mlp": 20},
+             rounds={"linear": 60, "resnet": 20, "mlp": 40},
+             steps_per_round={"linear": 50, "resnet": 2, "mlp": 20},
              part_rounds=40, part_steps_per_round=20,
-             big_num_examples=1_281_167)
+             big_num_examples=1_281_167,
+             # The whole step against the table size (on the model where a
+             # per-step cost of the table would show most).
+             sweep_models=["linear"],
+             table_sizes=[1_000, 100_000, 1_000_000, 10_000_000])
   if scale == "paper":
-    cfg.update(rounds={"resnet": 50, "mlp": 100},
-               steps_per_round={"resnet": 10, "mlp": 20})
+    cfg.update(rounds={"linear": 100, "resnet": 50, "mlp": 100},
+               steps_per_round={"linear": 50, "resnet": 10, "mlp": 20})
   if tiny:
     cfg.update(models=["mlp"], rounds={"mlp": 2}, steps_per_round={"mlp": 1},
                part_rounds=2, part_steps_per_round=2, warmup=1,
-               optimizers=["sgd", "aalig", "alig"], big_num_examples=0)
+               optimizers=["sgd", "aalig", "alig"], big_num_examples=0,
+               table_sizes=[1_000, 10_000], sweep_models=["mlp"])
   return cfg
 
 

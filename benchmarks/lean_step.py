@@ -278,7 +278,8 @@ def main(argv=None):
                  "vs_polyak_sgd": ratios(t, "polyak_sgd"),
                  "vs_aalig_small_n": ratios(t, small)}
     for k in txs:
-      print(f"{name:8s} {k:14s} median {res[name]['vs_sgd'][k]['median_us']:8.1f}"
+      vs_sgd = res[name]["vs_sgd"][k]
+      print(f"{name:8s} {k:14s} median {vs_sgd['median_us']:8.1f}"
             f" us | /sgd paired {res[name]['vs_sgd'][k]['paired']:.3f} p10 "
             f"{res[name]['vs_sgd'][k]['p10']:.3f} | /polyak paired "
             f"{res[name]['vs_polyak_sgd'][k]['paired']:.3f} p10 "

@@ -86,6 +86,14 @@ def _fmt_scored(v: float, t: dict) -> str:
   return _fmt_metric(v, t["metric"])
 
 
+def _fmt_spread(std: float, t: dict) -> str:
+  """A standard deviation in the units :func:`_fmt_scored` prints."""
+  floor = t.get("loss_floor")
+  if _scored(t) == "train_loss" and floor is not None and floor > 1e-12:
+    return f"{std / floor:.4f}"
+  return _fmt_scored(std, t)
+
+
 def _lower_is_better(t: dict) -> bool:
   return _scored(t) == "train_loss" or not t["higher_is_better"]
 
@@ -206,8 +214,7 @@ def aalig_losses(res: dict, labels: dict) -> list[str]:
          else better_noise).append(entry)
     if better_clear or better_noise:
       s = (f"- **{t['label']}** (AALIG "
-           f"{_fmt_scored(a['mean'], t)} ± "
-           f"{_fmt_scored(a['std'], t)}): ")
+           f"{_fmt_scored(a['mean'], t)} ± {_fmt_spread(a['std'], t)}): ")
       if better_clear:
         s += "beaten by more than the seed spread by " + ", ".join(
             better_clear)

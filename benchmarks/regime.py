@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks import quality
 from benchmarks import tasks
+from benchmarks.run import _rounded  # One rounding for both results files.
 from examples.common import optimizers
 from examples.common import report as report_lib
 
@@ -50,14 +51,6 @@ CURVES_PNG = "regime_curves.png"
 __all__ = ["main", "write_report"]
 
 
-def _rounded(x):
-  if isinstance(x, float):
-    return float(f"{x:.6g}")
-  if isinstance(x, dict):
-    return {k: _rounded(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_rounded(v) for v in x]
-  return x
 
 
 def make(name: str, seeds: int, epochs: int, tiny: bool) -> tasks.Task:

@@ -2,7 +2,7 @@
 
 The paper's deep-learning claims (Table 1) are for 200-epoch budgets in 10
 sections of 20 epochs, on models that cannot fit their data. This runner
-trains that regime at CPU scale (``tasks.REGIME_TASK_NAMES``): models too
+trains that regime at CPU scale (``regime_tasks.REGIME_TASK_NAMES``): models too
 small to interpolate, 50 epochs in sections of 5, the paper's weight-decay
 grid, every optimiser's step size over powers of ten, SGD with the paper's
 step schedule as the reference; the chosen configuration on several seeds.
@@ -38,6 +38,7 @@ import time
 import numpy as np
 
 from benchmarks import quality
+from benchmarks import regime_tasks
 from benchmarks import tasks
 from benchmarks.run import _rounded  # One rounding for both results files.
 from examples.common import optimizers
@@ -60,7 +61,7 @@ def make(name: str, seeds: int, epochs: int, tiny: bool) -> tasks.Task:
   if tiny:
     task = tasks.tiny(task)
     # The staged search still runs all three stages.
-    task = dataclasses.replace(task, weight_decays=tasks.PAPER_WDS[:2])
+    task = dataclasses.replace(task, weight_decays=regime_tasks.PAPER_WDS[:2])
   return task
 
 
@@ -68,10 +69,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(
       description="AALIG in the paper's regime (no interpolation, K = 10), "
       "at CPU scale.")
-  parser.add_argument("--tasks", default=",".join(tasks.REGIME_TASK_NAMES),
+  parser.add_argument("--tasks",
+                      default=",".join(regime_tasks.REGIME_TASK_NAMES),
                       help=f"comma-separated subset of "
-                      f"{tasks.REGIME_TASK_NAMES}")
-  parser.add_argument("--optimizers", default=",".join(tasks.REGIME_OPTS),
+                      f"{regime_tasks.REGIME_TASK_NAMES}")
+  parser.add_argument("--optimizers",
+                      default=",".join(regime_tasks.REGIME_OPTS),
                       help="comma-separated names of "
                       "examples.common.optimizers.SPECS")
   parser.add_argument("--seeds", type=int, default=3,

@@ -73,6 +73,7 @@ def test_runner_end_to_end_tiny(tmp_path: pathlib.Path):
 
 engine = pytest.importorskip("benchmarks.engine")
 tasks = pytest.importorskip("benchmarks.tasks")
+regime_tasks = pytest.importorskip("benchmarks.regime_tasks")
 regime = pytest.importorskip("benchmarks.regime")
 optimizers = pytest.importorskip("examples.common.optimizers")
 
@@ -103,12 +104,12 @@ def tiny_mlp():
 def test_regime_tasks_are_the_regime():
   """Full-size tasks: K = 10 sections of 5 epochs, the paper's wd grid, all
   of Fashion-MNIST, models far too small to interpolate."""
-  for name in tasks.REGIME_TASK_NAMES:
+  for name in regime_tasks.REGIME_TASK_NAMES:
     task = _regime_task(name)
     assert task.epochs >= 50 and task.ctx.epochs_per_section == 5
     assert task.weight_decays == (0.0, 1e-5, 1e-4, 1e-3)
     assert not task.interpolating and task.sweep_seeds == 1
-    assert all(o in task.grids for o in tasks.REGIME_OPTS)
+    assert all(o in task.grids for o in regime_tasks.REGIME_OPTS)
     assert task.configs_per_call == 0 and not task.loop_steps  # vmapped
     n_params = sum(x.size for x in jax.tree.leaves(
         engine._split(task.make_model(0))[1]))

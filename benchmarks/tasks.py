@@ -315,9 +315,8 @@ def make_task(name: str, scale: str, seeds: int, heavy_seeds: int) -> Task:
   from benchmarks import regime_tasks  # It builds on this module's Task.
   if name in regime_tasks.REGIME_TASK_NAMES:
     return regime_tasks.make_regime_task(name, heavy_seeds)
-  raise ValueError(f"unknown task {name!r}; choose from "
-                   f"{TASK_NAMES + SHORT_TASK_NAMES}"
-                   f"{regime_tasks.REGIME_TASK_NAMES}")
+  names = TASK_NAMES + SHORT_TASK_NAMES + regime_tasks.REGIME_TASK_NAMES
+  raise ValueError(f"unknown task {name!r}; choose from {names}")
 
 
 def tiny(task: Task) -> Task:

@@ -2,7 +2,10 @@
 
 from aalig_optax._aalig import aalig
 from aalig_optax._aalig import scale_by_aalig
+from aalig_optax._aov import AOV_RULES
 from aalig_optax._aov import update_aovs
+from aalig_optax._aov import update_aovs_reflect
+from aalig_optax._initial import loss_table
 from aalig_optax._metrics import aalig_metrics
 from aalig_optax._metrics import check_hyperparams
 from aalig_optax._metrics import check_indices
@@ -23,10 +26,12 @@ __version__ = "0.1.0"
 __all__ = (
     "aalig",
     "aalig_metrics",
+    "AOV_RULES",
     "AaligConfig",
     "check_hyperparams",
     "alig",
     "check_indices",
+    "loss_table",
     "process_example_range",
     "project_l2_ball",
     "restore_state",
@@ -37,5 +42,6 @@ __all__ = (
     "ScaleByAligState",
     "state_shardings",
     "update_aovs",
+    "update_aovs_reflect",
     "validate_state",
 )

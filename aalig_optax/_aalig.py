@@ -13,6 +13,7 @@ import optax
 from aalig_optax import _alig
 from aalig_optax import _aov
 from aalig_optax import _checks
+from aalig_optax import _initial
 from aalig_optax import _state
 from aalig_optax import _tables
 from aalig_optax._state import AaligConfig
@@ -61,6 +62,8 @@ def scale_by_aalig(
     loss_estimate: str = "last",
     table_dtype: Any = jnp.float32,
     axis_name: Optional[str] = None,
+    aov_rule: Any = "paper",
+    initial_aov: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by AALIG's step size, learning per-example optimal values.
 
@@ -140,7 +143,8 @@ def scale_by_aalig(
   return _scale_by_aalig(
       max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
-      table_dtype=table_dtype, axis_name=axis_name)[0]
+      table_dtype=table_dtype, axis_name=axis_name, aov_rule=aov_rule,
+      initial_aov=initial_aov)[0]
 
 
 def _scale_by_aalig(
@@ -154,6 +158,8 @@ def _scale_by_aalig(
     loss_estimate: str = "last",
     table_dtype: Any = jnp.float32,
     axis_name: Optional[str] = None,
+    aov_rule: Any = "paper",
+    initial_aov: Any = None,
 ):
   """scale_by_aalig's transform, and its `step` (see there), which also says
   whether the batch was skipped and whether a hyperparameter was clipped."""
@@ -194,6 +200,9 @@ def _scale_by_aalig(
   table_max = float(jnp.finfo(table_dtype).max)
   _checks.check_within("lower_bound", lower_bound, table_max,
                        f"the largest {table_dtype.name} table entry")
+  rule = _aov.resolve_rule(aov_rule)
+  _initial.check_initial_aov(initial_aov, num_examples, lower_bound,
+                             table_max)
   best_epoch = loss_estimate == "best_epoch"
   num_tables = 4 if best_epoch else 3
   # Sections end when count % steps_per_section == 0; wrapping the count at
@@ -207,7 +216,6 @@ def _scale_by_aalig(
       lower_bound=None if injected_bound else float(lower_bound))
 
   def init_fn(params):
-    del params
     _checks.check_table_memory(
         num_tables * num_examples * table_dtype.itemsize)
     table = lambda v: jnp.full((num_examples,), v, table_dtype)
@@ -215,7 +223,8 @@ def _scale_by_aalig(
     zero = lambda: jnp.zeros([], jnp.int32)
     return ScaleByAaligState(
         count=zero(),
-        aov=table(lower_bound),
+        aov=_initial.initial_table(initial_aov, params, num_examples,
+                                   lower_bound, table_max, table_dtype),
         aov_step=table(0.0),
         last_loss=table(jnp.nan),
         best_loss=table(jnp.nan) if best_epoch else None,
@@ -329,7 +338,7 @@ def _scale_by_aalig(
                                _aov.end_epoch, lambda s: s, new_state)
     # The only O(N) work, run once a section.
     new_state = jax.lax.cond(~skip & (count % steps_per_section == 0),
-                             lambda s: _aov.end_section(s, bound),
+                             lambda s: _aov.end_section(s, bound, rule),
                              lambda s: s, new_state)
     return new_updates, new_state, skip, clipped
 
@@ -355,6 +364,8 @@ def aalig(
     loss_estimate: str = "last",
     table_dtype: Any = jnp.float32,
     axis_name: Optional[str] = None,
+    aov_rule: Any = "paper",
+    initial_aov: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The AALIG optimiser: AALIG's step size with Nesterov momentum.
 
@@ -418,7 +429,8 @@ def aalig(
   core, core_step = _scale_by_aalig(
       max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
-      table_dtype=table_dtype, axis_name=axis_name)
+      table_dtype=table_dtype, axis_name=axis_name, aov_rule=aov_rule,
+      initial_aov=initial_aov)
   trace = _alig.momentum_or_identity(momentum)
   has_momentum = not isinstance(trace.init(None), optax.EmptyState)
   has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)

@@ -76,6 +76,98 @@ def update_aovs(
   return new_a.astype(dtype), new_d
 
 
+def update_aovs_reflect(
+    aov: chex.Array,
+    aov_step: chex.Array,
+    loss_estimate: chex.Array,
+    lower_bound: chex.Numeric = 0.0,
+) -> tuple[chex.Array, chex.Array]:
+  r"""A section-end AOV update that cannot freeze (``aov_rule="reflect"``).
+
+  As :func:`update_aovs`, except for a reached AOV, which goes below the loss
+  it reached rather than a shrinking step below itself:
+
+  .. math::
+    (a, d) \leftarrow \begin{cases}
+      (\max(B,\ l - \max(a - l + d/2,\ (l - B)/4)), d) & l \le a
+        \text{ (reached)} \\
+      ((a + l)/2, (l - a)/2) & l > a \text{ (not reached)} \\
+      (a, d) & l \text{ is NaN (never seen).}
+    \end{cases}
+
+  The AOV is reflected about the loss it reached (an overshoot of
+  :math:`a - l` above the loss becomes one below it, plus the paper's
+  :math:`d/2`) and moves at least a quarter of the way from the loss to the
+  lower bound. After any section end every seen AOV lies at or below its
+  example's loss, so the step size of the next batches is not zero because
+  AOVs overshot; and a loss that falls fast (an interpolating model) pulls
+  its AOV down by a fixed share per section, not by a step that halves.
+
+  Why: under the paper's rule a reached AOV steps down by half its last
+  increase, which shrinks geometrically. Once the AOVs that chased a slowly
+  falling loss end above it, the mean gap is negative, every step is zero,
+  the losses stop changing and every later section end is a tiny step down:
+  training is over (Sec. 5.1's rank-4 factorisation at step size 1 stops at
+  up to 1.2x its loss floor, with 95% zero steps in the last section).
+
+  Args:
+    aov: AOV table, shape [N].
+    aov_step: last increase of each AOV, shape [N].
+    loss_estimate: each example's loss estimate, shape [N]; NaN for examples
+      never seen.
+    lower_bound: the known lower bound B of every per-example loss.
+
+  Returns:
+    The new `(aov, aov_step)`, in the dtypes of the inputs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from aalig_optax import update_aovs_reflect
+    >>> aov, step = update_aovs_reflect(jnp.array([0.0, 1.0, 1.0]),
+    ...                                 jnp.array([0.0, 0.4, 0.0]),
+    ...                                 jnp.array([2.0, 0.5, jnp.nan]))
+    >>> [round(x, 6) for x in aov.tolist()], step.tolist()[::2]
+    ([1.0, 0.0, 1.0], [1.0, 0.0])
+
+  References:
+    Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", TMLR
+    2022, Algorithm 2 (the not-reached half, kept); this project's
+    evaluation, ``benchmarks/results/aov_rules.md``.
+  """
+  dtype = aov.dtype
+  a = aov.astype(jnp.float32)
+  d = aov_step.astype(jnp.float32)
+  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
+  bound = jnp.asarray(lower_bound, jnp.float32)
+  # As in update_aovs: the step table first, then the AOV, each from its own
+  # comparisons, so that XLA writes both tables in place.
+  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
+  new_d = jnp.where(up, lo / 2 - a / 2, d).astype(aov_step.dtype)
+  # Halves before differences: finite for any finite table entries.
+  below = jnp.maximum((a / 2 - lo / 2) * 2 + new_d.astype(jnp.float32) / 2,
+                      lo / 4 - bound / 4)
+  new_a = jnp.where(
+      lo <= a, jnp.maximum(lo - below, bound),
+      jnp.where(jnp.isnan(lo), a, a / 2 + lo / 2))
+  return new_a.astype(dtype), new_d
+
+
+# The rules `aov_rule=` takes by name.
+AOV_RULES = {"paper": update_aovs, "reflect": update_aovs_reflect}
+
+
+def resolve_rule(aov_rule):
+  """The section-end function of `aov_rule`: a name or a callable."""
+  if callable(aov_rule):
+    return aov_rule
+  if isinstance(aov_rule, str) and aov_rule in AOV_RULES:
+    return AOV_RULES[aov_rule]
+  raise ValueError(
+      f"aov_rule must be one of {tuple(AOV_RULES)} or a callable "
+      "(aov, aov_step, loss_estimate, lower_bound) -> (aov, aov_step), got "
+      f"aov_rule={aov_rule!r}.")
+
+
 def _count_reached_and_seen(estimate, aov):
   """(#{estimate <= aov}, #{estimate not NaN}) in one variadic reduction.
 
@@ -106,9 +198,10 @@ def end_epoch(state: ScaleByAaligState) -> ScaleByAaligState:
       epoch_loss_count=jnp.zeros_like(state.epoch_loss_count))
 
 
-def end_section(state: ScaleByAaligState,
-                lower_bound: chex.Numeric) -> ScaleByAaligState:
-  """Moves every seen AOV by :func:`update_aovs`: the only O(N) work."""
+def end_section(state: ScaleByAaligState, lower_bound: chex.Numeric,
+                rule=update_aovs) -> ScaleByAaligState:
+  """Moves every seen AOV by `rule` (:func:`update_aovs` by default): the only
+  O(N) work."""
   best_epoch = state.best_loss is not None
   estimate = state.best_loss if best_epoch else state.last_loss
   # Two independent reductions straight from the tables (NaN compares False).
@@ -119,7 +212,15 @@ def end_section(state: ScaleByAaligState,
   # copying it at every step.
   bound = jnp.where(num_seen >= 0, jnp.asarray(lower_bound, jnp.float32),
                     jnp.nan)
-  aov, aov_step = update_aovs(state.aov, state.aov_step, estimate, bound)
+  aov, aov_step = rule(state.aov, state.aov_step, estimate, bound)
+  for name, new, old in (("aov", aov, state.aov),
+                         ("aov_step", aov_step, state.aov_step)):
+    if jnp.shape(new) != old.shape:
+      raise ValueError(
+          f"aov_rule returned {name} of shape {jnp.shape(new)}, expected "
+          f"{old.shape}: a rule maps each example's entries to new ones.")
+  aov, aov_step = aov.astype(state.aov.dtype), aov_step.astype(
+      state.aov_step.dtype)
   state = state._replace(
       aov=aov, aov_step=aov_step,
       reached_fraction=(num_reached.astype(jnp.float32)

@@ -2,7 +2,6 @@
 
 from aalig_optax._aalig import aalig
 from aalig_optax._aalig import scale_by_aalig
-from aalig_optax._aov import AOV_RULES
 from aalig_optax._aov import update_aovs
 from aalig_optax._aov import update_aovs_reflect
 from aalig_optax._initial import loss_table
@@ -26,7 +25,6 @@ __version__ = "0.1.0"
 __all__ = (
     "aalig",
     "aalig_metrics",
-    "AOV_RULES",
     "AaligConfig",
     "check_hyperparams",
     "alig",

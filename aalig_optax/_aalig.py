@@ -115,6 +115,16 @@ def scale_by_aalig(
     table_dtype: dtype of the tables (float32; a 16-bit float halves them).
     axis_name: under ``pmap``/``shard_map``, the batch axis: means are taken
       over it and every replica records every replica's rows.
+    aov_rule: how AOVs move at section ends: ``"paper"`` (Algorithm 2,
+      :func:`update_aovs`), ``"reflect"`` (:func:`update_aovs_reflect`, which
+      cannot freeze), or a callable ``(aov, aov_step, loss_estimate,
+      lower_bound) -> (aov, aov_step)`` of the same kind (element-wise,
+      traceable; it runs once a section under ``jit``).
+    initial_aov: the AOVs at init: None (the lower bound), a scalar, an
+      array of shape [N] (e.g. a teacher's per-example losses from
+      :func:`loss_table`, or a finished run's ``state.aov``), or a callable
+      ``params -> [N]`` called by ``init``. Checked when known (finite, at
+      least `lower_bound`); traced values are clipped into range.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -396,6 +406,10 @@ def aalig(
     loss_estimate: ``"last"`` or ``"best_epoch"``, see :func:`scale_by_aalig`.
     table_dtype: dtype of the per-example tables.
     axis_name: the batch axis under ``pmap``/``shard_map``.
+    aov_rule: ``"paper"`` (default), ``"reflect"`` or a callable, see
+      :func:`scale_by_aalig` and the user guide's "Choosing an AOV rule".
+    initial_aov: starting AOVs (a table, scalar or ``params -> table``), see
+      :func:`scale_by_aalig`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes

@@ -35,16 +35,70 @@ import optax
 import aalig_optax
 from benchmarks import engine
 from benchmarks import tasks as tasks_lib
-from examples.common import optimizers
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 DEFAULT_TASKS = ("mf_rank1", "mf_rank4", "mf_rank10", "mf_full",
                  "rbf_mushrooms")
 MOMENTA = (0.0, 0.9)
-# Rules compared: the library's, by name (see aalig_optax.update_aovs and
-# aalig_optax.AOV_RULES).
-RULES = ("paper",)
+RULES = ("paper", "reflect", "fixed")  # the default comparison
 WITHIN = 0.05  # "within 5% of the floor"
+ZERO_FLOOR_TARGET = 1e-6  # where the floor is 0: "near it" means below this
+
+
+def _f32(aov, d, lo, bound):
+  return (aov.astype(jnp.float32), d.astype(jnp.float32),
+          jnp.asarray(lo, jnp.float32), jnp.asarray(bound, jnp.float32))
+
+
+def _not_reached(a, d, lo):
+  """The paper's not-reached half, shared by every candidate below."""
+  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
+  return up, jnp.where(up, lo / 2 - a / 2, d), a / 2 + lo / 2
+
+
+def _candidate(down_fn):
+  """A rule that differs from the paper's only where an AOV was reached:
+  ``down_fn(a, d_new, lo, bound) -> (new aov, new step)`` there."""
+  def rule(aov, aov_step, lo, bound):
+    a, d, lo, bound = _f32(aov, aov_step, lo, bound)
+    _, new_d, up_a = _not_reached(a, d, lo)
+    down_a, down_d = down_fn(a, new_d, lo, bound)
+    reached = lo <= a
+    new_a = jnp.where(reached, down_a, jnp.where(jnp.isnan(lo), a, up_a))
+    return new_a, jnp.where(reached, down_d, new_d)
+  return rule
+
+
+# Rules tried and dropped (kept here so that their numbers can be rerun;
+# benchmarks/results/aov_rules.md has them). Each changes only the reached
+# case of the paper's rule. "fixed" is a reference, not a rule: AOVs stay at
+# the lower bound, i.e. ALI-G's step size run through AALIG's code.
+CANDIDATES: dict[str, Callable] = {
+    "fixed": lambda aov, aov_step, lo, bound: (aov, aov_step),
+    # Down from min(AOV, loss) rather than from the AOV, by the paper's d/2.
+    "min_step": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a, lo) - d / 2, b), d)),
+    # As min_step, with d doubled at each reach (consecutive reaches
+    # accelerate; the variant of the authors' unreleased code, from min).
+    "min_double": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a, lo) - d, b), 2 * d)),
+    # Halfway from the loss reached to the bound (bisection downwards).
+    "bisect": _candidate(lambda a, d, lo, b: (b + (lo - b) / 2, d)),
+    # Back to the bound: ALI-G until the AOV is not reached again.
+    "reset": _candidate(lambda a, d, lo, b: (b + 0 * a, d)),
+}
+
+
+def resolve(rule: str):
+  """A rule by name: the library's (``aov_rule=``) or a candidate."""
+  if rule in CANDIDATES:
+    return CANDIDATES[rule]
+  try:
+    aalig_optax.scale_by_aalig(1.0, 1, 1, 1, aov_rule=rule)
+  except ValueError as e:
+    raise ValueError(f"{e} Or a candidate of benchmarks.aov_rules: "
+                     f"{tuple(CANDIDATES)}.") from None
+  return rule
 
 
 def _build(rule, lr, momentum, ctx):
@@ -62,7 +116,8 @@ class Runner:
     self._epochs: dict[Any, Callable] = {}
 
   def _epoch_fn(self, rule, momentum):
-    key = (rule if isinstance(rule, str) else id(rule), momentum)
+    key = (rule, momentum)
+    rule = resolve(rule)
     if key in self._epochs:
       return self._epochs[key]
     ctx, progs = self.task.ctx, self.progs
@@ -89,6 +144,8 @@ class Runner:
   def run(self, rule, momentum: float, lrs, seeds) -> list[dict]:
     """Trains every (lr, seed); one record each, with curves."""
     task, ctx = self.task, self.task.ctx
+    epoch_fn = self._epoch_fn(rule, momentum)
+    rule = resolve(rule)
     configs = [(lr, seed) for lr in lrs for seed in seeds]
     lr_arr = jnp.asarray([c[0] for c in configs], jnp.float32)
     models = [engine._split(task.make_model(c[1])) for c in configs]
@@ -97,7 +154,6 @@ class Runner:
     init = jax.jit(jax.vmap(lambda p, lr: _build(rule, lr, momentum,
                                                  ctx).init(p)))
     opt_state = jax.tree.map(jnp.array, init(params, lr_arr))
-    epoch_fn = self._epoch_fn(rule, momentum)
     d = self.data
     s_e, b = ctx.steps_per_epoch, ctx.batch_size
     train_curve, zero_curve = [], []
@@ -132,3 +188,225 @@ class Runner:
     if not hasattr(self, "_data"):
       self._data = {k: jnp.asarray(v) for k, v in self.task.data.items()}
     return self._data
+
+
+def _floor(task) -> float | None:
+  """The task's loss floor; 0 where it is 0 up to rounding."""
+  f = task.loss_floor
+  if f is None:
+    return 0.0 if task.name == "mf_full" else None
+  return 0.0 if f < 1e-10 else float(f)
+
+
+def _near(loss: float, floor: float | None, best: float) -> bool:
+  """Whether a final training loss counts as "at the floor" (see module)."""
+  if floor is None:
+    return loss <= (1 + WITHIN) * best
+  if floor == 0:
+    return loss <= ZERO_FLOOR_TARGET
+  return loss <= (1 + WITHIN) * floor
+
+
+def summarise(task_res: dict) -> list[dict]:
+  """One row per (momentum, rule): the tuned point and the grid's shares."""
+  floor = task_res["floor"]
+  recs = task_res["records"]
+  best = min(r["final_train_loss"] for rs in recs.values() for r in rs
+             if np.isfinite(r["final_train_loss"]))
+  rows = []
+  for key, rs in recs.items():
+    momentum, rule = key.split("|")
+    lrs = sorted({r["lr"] for r in rs})
+    by_lr = {lr: [r for r in rs if r["lr"] == lr] for lr in lrs}
+
+    def mean_loss(lr):
+      v = [r["final_train_loss"] for r in by_lr[lr]]
+      return np.mean(v) if np.all(np.isfinite(v)) else np.inf
+
+    tuned = min(lrs, key=mean_loss)
+    at = by_lr[tuned]
+    losses = np.array([r["final_train_loss"] for r in at])
+    near = [all(_near(r["final_train_loss"], floor, best) for r in by_lr[lr])
+            for lr in lrs]
+    rows.append({
+        "momentum": float(momentum), "rule": rule, "tuned_lr": tuned,
+        "loss_mean": float(losses.mean()), "loss_std": float(losses.std()),
+        "loss_worst": float(losses.max()),
+        "vs_floor": (float(losses.mean() / floor) if floor else None),
+        "worst_vs_floor": (float(losses.max() / floor) if floor else None),
+        "seeds_near": int(sum(_near(x, floor, best) for x in losses)),
+        "num_seeds": len(losses),
+        "grid_near": float(np.mean(near)), "grid_points": len(lrs),
+        "zero_share": float(np.mean([r["zero_share"] for r in at])),
+        "zero_share_last": float(np.mean([r["zero_share_last"] for r in at])),
+        "grid_zero_share_last": float(np.mean(
+            [r["zero_share_last"] for r in rs])),
+        "val_metric": float(np.mean([r["val_metric"] for r in at])),
+        "val_metric_std": float(np.std([r["val_metric"] for r in at])),
+    })
+  return rows
+
+
+def _fmt_loss(row, floor):
+  if floor:
+    return (f"x{row['vs_floor']:.4f} (worst x{row['worst_vs_floor']:.4f})")
+  return f"{row['loss_mean']:.2e} ± {row['loss_std']:.1e}"
+
+
+def markdown(results: dict) -> str:
+  lines = ["# AOV rules: the evaluation suite", "",
+           "Written by `python -m benchmarks.aov_rules` (see its docstring "
+           "for the protocol).", "",
+           f"Command: `{results['command']}`  ",
+           f"Wall time: {results['seconds']:.0f} s; "
+           + results["environment_line"], ""]
+  if results.get("smoke"):
+    lines += ["**Smoke run: numbers mean nothing.**", ""]
+  lines += [
+      "Per task, momentum and rule, at the maximal step size with the lowest "
+      "mean final training loss (*tuned*): the final training loss against "
+      "the floor (mean over seeds, worst seed), seeds at the floor, the "
+      "share of the grid's step sizes at which every seed ends at the floor, "
+      "the share of zero-step batches (whole run / last section; last "
+      "section over the whole grid) and the validation metric. \"At the "
+      f"floor\": within {WITHIN:.0%} of it; where the floor is 0, below "
+      f"{ZERO_FLOOR_TARGET:g}; where it is unknown, within {WITHIN:.0%} of "
+      "the lowest final loss any rule reached on the task. `fixed` is not a "
+      "rule but the reference of AOVs that stay at the lower bound (ALI-G's "
+      "step size).", ""]
+  for name, t in results["tasks"].items():
+    floor = t["floor"]
+    fl = ("unknown" if floor is None else f"{floor:.6g}")
+    lines += [f"## {t['label']} (`{name}`)", "",
+              f"{t['notes']} The suite runs every rule with Nesterov "
+              f"momentum 0 and 0.9. Loss floor: {fl}. Grid: "
+              f"{', '.join(f'{x:g}' for x in t['grid'])}; seeds "
+              f"{t['seeds']}.", "",
+              "| momentum | rule | tuned step | final loss | seeds at floor |"
+              " grid at floor | zero steps (run / last; grid last) | "
+              f"val {t['metric']} |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in summarise(t):
+      lines.append(
+          f"| {row['momentum']:g} | {row['rule']} | {row['tuned_lr']:g} | "
+          f"{_fmt_loss(row, floor)} | {row['seeds_near']}/{row['num_seeds']}"
+          f" | {row['grid_near']:.0%} of {row['grid_points']} | "
+          f"{row['zero_share']:.0%} / {row['zero_share_last']:.0%}; "
+          f"{row['grid_zero_share_last']:.0%} | "
+          f"{row['val_metric']:.4g} ± {row['val_metric_std']:.1g} |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> None:
+  """Final training loss against the maximal step size, per task: one line
+  per rule, solid without momentum and dashed with it (robustness across
+  the grid is the point), the floor dotted."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from examples.common import plots
+  names = list(results["tasks"])
+  cols = min(3, len(names))
+  rows_ = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_),
+                           squeeze=False)
+  handles = {}
+  for ax, name in zip(axes.flat, names):
+    t = results["tasks"][name]
+    rules = sorted({k.split("|")[1] for k in t["records"]},
+                   key=lambda r: (r not in RULES, r))
+    for key, rs in t["records"].items():
+      momentum, rule = key.split("|")
+      lrs = sorted({r["lr"] for r in rs})
+      y = [np.mean([r["final_train_loss"] for r in rs if r["lr"] == lr])
+           for lr in lrs]
+      i = rules.index(rule)
+      st = plots.style(i, len(lrs))
+      st.update(markevery=1)
+      (h,) = ax.plot(lrs, y, ls="-" if float(momentum) == 0 else "--",
+                     color=f"C{i}", **st)
+      handles.setdefault(f"{rule}, momentum {float(momentum):g}", h)
+    if t["floor"]:
+      ax.axhline(t["floor"], color="k", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("maximal step size")
+    ax.set_ylabel("final training loss (mean over seeds)")
+    ax.set_title(t["label"], fontsize=9)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.legend(list(handles.values()), list(handles), loc="lower center",
+             ncol=min(4, len(handles)), fontsize=8)
+  fig.tight_layout(rect=(0, 0.04 + 0.03 * (len(handles) // 4), 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(task_names, rules, seeds: int, smoke: bool = False,
+        log=print) -> dict:
+  """Every (task, momentum, rule) of the suite; the raw results."""
+  out = {"tasks": {}}
+  for name in task_names:
+    task = tasks_lib.make_task(name, "cpu", seeds, seeds)
+    if smoke:
+      task = tasks_lib.tiny(task)
+    grid = tuple(task.grids["aalig"])
+    runner = Runner(task)
+    recs = {}
+    for momentum in MOMENTA:
+      for rule in rules:
+        t0 = time.time()
+        recs[f"{momentum:g}|{rule}"] = runner.run(rule, momentum, grid,
+                                                  range(task.seeds))
+        log(f"{name} momentum {momentum:g} {rule}: {time.time() - t0:.0f} s",
+            flush=True)
+    out["tasks"][name] = {
+        "label": task.label, "notes": task.notes, "floor": _floor(task),
+        "grid": list(grid), "seeds": task.seeds, "metric": task.metric,
+        "records": recs}
+  return out
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+  parser.add_argument("--rules", default=",".join(RULES),
+                      help="aov_rule names of the library, or CANDIDATES")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--out", default=RESULTS_DIR)
+  parser.add_argument("--name", default="aov_rules",
+                      help="the results files' stem")
+  parser.add_argument("--smoke", action="store_true",
+                      help="a seconds-long run; numbers mean nothing")
+  args = parser.parse_args(argv)
+  rules = args.rules.split(",")
+  for r in rules:
+    resolve(r)
+  t0 = time.time()
+  res = run(args.tasks.split(","), rules, args.seeds, args.smoke)
+  from examples.common import report as report_lib
+  env = report_lib.environment()
+  res.update(
+      command="python -m benchmarks.aov_rules " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      seconds=time.time() - t0, smoke=args.smoke, environment=env,
+      environment_line=(
+          f"{env['nproc']} x {env['cpu_model']}, jax "
+          f"{env['versions']['jax']}, optax {env['versions']['optax']}, "
+          f"flax {env['versions']['flax']}, {env['date_utc']}, commit "
+          f"{env['git_commit']}, load average at start "
+          f"{env['load_average_at_start'][0]:.1f}."))
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, args.name)
+  with open(stem + ".json", "w", encoding="utf-8") as f:
+    json.dump(res, f, indent=1)
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(markdown(res))
+  plot(res, stem + ".png")
+  print(markdown(res))
+  print(f"Wrote {stem}.json, .md and .png")
+
+
+if __name__ == "__main__":
+  main()

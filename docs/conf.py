@@ -79,9 +79,12 @@ html_theme_options = {
 
 # (title, one line about the group, names in the order shown).
 API_GROUPS = [
-    ("AALIG", "The optimiser, its step size alone, and the section-end AOV "
-     "update as a pure function.",
-     ["aalig", "scale_by_aalig", "update_aovs"]),
+    ("AALIG", "The optimiser and its step size alone.",
+     ["aalig", "scale_by_aalig"]),
+    ("AOV rules and starting AOVs", "The section-end AOV updates that "
+     "`aov_rule=` names, as pure functions, and the per-example loss table "
+     "that `initial_aov=` takes.",
+     ["update_aovs", "update_aovs_reflect", "loss_table"]),
     ("ALI-G", "The interpolation special case: no tables, the batch loss "
      "as `value=`, and its L2-ball constraint.",
      ["alig", "scale_by_alig", "project_l2_ball"]),

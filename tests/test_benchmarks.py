@@ -205,3 +205,26 @@ def test_regime_runner_tiny(tmp_path: pathlib.Path, monkeypatch):
   assert "| AALIG |" in text and "| SF-SGD |" in text
   assert "Where AALIG wins and loses" in text
   assert res["tasks"]["regime_fmnist_mlp"]["sections_epochs"] == 1
+
+
+def test_aov_rules_suite_smoke(tmp_path: pathlib.Path):
+  """The AOV-rule suite end to end on a tiny task: every (momentum, rule)
+  gets a row, the raw records carry the zero-step shares, and the plot is
+  written."""
+  from benchmarks import aov_rules
+  aov_rules.main(["--smoke", "--tasks", "mf_rank4", "--seeds", "2",
+                  "--rules", "paper,reflect,reset", "--out", str(tmp_path)])
+  res = json.loads((tmp_path / "aov_rules.json").read_text())
+  recs = res["tasks"]["mf_rank4"]["records"]
+  assert sorted(recs) == sorted(f"{m}|{r}" for m in ("0", "0.9")
+                                for r in ("paper", "reflect", "reset"))
+  for rs in recs.values():
+    assert len(rs) == 2 * len(res["tasks"]["mf_rank4"]["grid"])
+    for r in rs:
+      assert 0.0 <= r["zero_share"] <= 1.0 and np.isfinite(
+          r["final_train_loss"])
+  md = (tmp_path / "aov_rules.md").read_text()
+  assert md.count("| reflect |") == 2 and "Smoke run" in md
+  assert (tmp_path / "aov_rules.png").stat().st_size > 10_000
+  with pytest.raises(ValueError, match="aov_rule"):
+    aov_rules.resolve("nope")

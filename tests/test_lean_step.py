@@ -54,7 +54,7 @@ def _temp_bytes(compiled):
 
 @pytest.mark.parametrize("kwargs", [
     {}, dict(loss_estimate="best_epoch"),
-    dict(momentum=0.0, weight_decay=1e-4),
+    dict(momentum=0.0, weight_decay=1e-4), dict(aov_rule="reflect"),
     pytest.param(dict(table_dtype=jnp.bfloat16), marks=pytest.mark.xfail(
         strict=True, reason="XLA:CPU scatters into a 16-bit float table "
         "through a float32 copy of the whole table (and a bit-cast to "
@@ -83,10 +83,11 @@ def test_step_temporaries_do_not_grow_with_the_parameters():
   assert temps[1] == temps[0] and temps[0] < 64 * 1024, temps
 
 
-def test_section_end_alone_needs_no_table_sized_temporary():
-  """The section end (update_aovs and the reached count) runs in place."""
+@pytest.mark.parametrize("rule", ["paper", "reflect"])
+def test_section_end_alone_needs_no_table_sized_temporary(rule):
+  """The section end (the AOV rule and the reached count) runs in place."""
   n = 10**6
-  tx = ao.aalig(0.1, n, 1, 1)  # a section end at every step
+  tx = ao.aalig(0.1, n, 1, 1, aov_rule=rule)  # a section end at every step
   assert _temp_bytes(_compiled_part(tx, n)) < 64 * 1024
 
 

@@ -354,7 +354,8 @@ def _compiled_step_text(n, table_axis, num_examples, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, dict(loss_estimate="best_epoch", table_dtype=jnp.bfloat16)])
+    {}, dict(loss_estimate="best_epoch", table_dtype=jnp.bfloat16),
+    dict(aov_rule="reflect")])
 def test_donated_step_copies_no_table(kwargs):
   """A step is O(batch): XLA copies no [N] table (the section-end cond too)."""
   n_ex = 4096

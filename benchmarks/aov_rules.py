@@ -253,6 +253,74 @@ def _fmt_loss(row, floor):
   return f"{row['loss_mean']:.2e} ± {row['loss_std']:.1e}"
 
 
+def _ordered(rules) -> list[str]:
+  """The default rules first, in RULES' order, then the others by name."""
+  return sorted(rules, key=lambda r: (RULES.index(r) if r in RULES
+                                      else len(RULES), r))
+
+
+def _at(task_res: dict, momentum: float, rule: str, lr: float) -> list:
+  return [r for r in task_res["records"].get(f"{momentum:g}|{rule}", [])
+          if r["lr"] == lr]
+
+
+def targets(results: dict) -> list[str]:
+  """The issue's targets, where the run covers them: the stall case, the
+  interpolating problems, and where a rule does worse than the paper's."""
+  out = []
+  t = results["tasks"].get("mf_rank4")
+  if t and 1.0 in t["grid"]:
+    out += ["### The stall case: rank 4, momentum 0, maximal step size 1", "",
+            "| rule | final loss / floor, mean [worst] | seeds within 1% | "
+            "zero steps, last section |", "| --- | --- | --- | --- |"]
+    for rule in _ordered({k.split("|")[1] for k in t["records"]}):
+      rs = _at(t, 0.0, rule, 1.0)
+      if not rs:
+        continue
+      v = np.array([r["final_train_loss"] for r in rs]) / t["floor"]
+      z = np.mean([r["zero_share_last"] for r in rs])
+      out.append(f"| {rule} | x{v.mean():.4f} [x{v.max():.4f}] | "
+                 f"{int((v <= 1.01).sum())}/{len(v)} | {z:.0%} |")
+    out.append("")
+  inter = [n for n in ("mf_rank10", "mf_full") if n in results["tasks"]]
+  if inter:
+    out += ["### Interpolating problems: lowest tuned loss (either momentum)",
+            "", "| rule | " + " | ".join(inter) + " |",
+            "| --- |" + " --- |" * len(inter)]
+    rules = _ordered({row["rule"] for n in inter
+                      for row in summarise(results["tasks"][n])})
+    for rule in rules:
+      cells = []
+      for n in inter:
+        rows = [r for r in summarise(results["tasks"][n])
+                if r["rule"] == rule]
+        best = min(rows, key=lambda r: r["loss_mean"])
+        cells.append(f"{best['loss_mean']:.2e} (worst {best['loss_worst']:.1e};"
+                     f" momentum {best['momentum']:g}, step "
+                     f"{best['tuned_lr']:g})")
+      out.append(f"| {rule} | " + " | ".join(cells) + " |")
+    out.append("")
+  worse = []
+  for name, t in results["tasks"].items():
+    rows = summarise(t)
+    for row in rows:
+      if row["rule"] == "paper":
+        continue
+      ref = [r for r in rows if r["rule"] == "paper"
+             and r["momentum"] == row["momentum"]]
+      if ref and (row["loss_mean"] - ref[0]["loss_mean"]
+                  > row["loss_std"] + ref[0]["loss_std"]):
+        worse.append(f"{row['rule']} on {name}, momentum "
+                     f"{row['momentum']:g}: {row['loss_mean']:.4g} ± "
+                     f"{row['loss_std']:.2g} against the paper's "
+                     f"{ref[0]['loss_mean']:.4g} ± {ref[0]['loss_std']:.2g}")
+  out += ["### Where a rule ends worse than the paper's beyond the seeds' "
+          "spread (tuned final loss, mean difference above the sum of the "
+          "two standard deviations)", ""]
+  out += [f"- {w}" for w in worse] or ["- nowhere."]
+  return out + [""]
+
+
 def markdown(results: dict) -> str:
   lines = ["# AOV rules: the evaluation suite", "",
            "Written by `python -m benchmarks.aov_rules` (see its docstring "
@@ -273,7 +341,7 @@ def markdown(results: dict) -> str:
       f"{ZERO_FLOOR_TARGET:g}; where it is unknown, within {WITHIN:.0%} of "
       "the lowest final loss any rule reached on the task. `fixed` is not a "
       "rule but the reference of AOVs that stay at the lower bound (ALI-G's "
-      "step size).", ""]
+      "step size).", "", "## Summary", ""] + targets(results)
   for name, t in results["tasks"].items():
     floor = t["floor"]
     fl = ("unknown" if floor is None else f"{floor:.6g}")
@@ -314,8 +382,7 @@ def plot(results: dict, path) -> None:
   handles = {}
   for ax, name in zip(axes.flat, names):
     t = results["tasks"][name]
-    rules = sorted({k.split("|")[1] for k in t["records"]},
-                   key=lambda r: (r not in RULES, r))
+    rules = _ordered({k.split("|")[1] for k in t["records"]})
     for key, rs in t["records"].items():
       momentum, rule = key.split("|")
       lrs = sorted({r["lr"] for r in rs})
@@ -366,6 +433,15 @@ def run(task_names, rules, seeds: int, smoke: bool = False,
         "grid": list(grid), "seeds": task.seeds, "metric": task.metric,
         "records": recs}
   return out
+
+
+def rewrite(stem: str) -> None:
+  """Regenerates the report and plot of an existing results file."""
+  with open(stem + ".json", encoding="utf-8") as f:
+    res = json.load(f)
+  with open(stem + ".md", "w", encoding="utf-8") as f:
+    f.write(markdown(res))
+  plot(res, stem + ".png")
 
 
 def main(argv=None) -> None:

@@ -89,6 +89,25 @@ CANDIDATES: dict[str, Callable] = {
 }
 
 
+# What each rule does where an AOV was reached (l <= a; d its last increase,
+# B the lower bound), for the report.
+RULE_NOTES = {
+    "paper": "a <- max(a - d/2, B): the paper's Algorithm 2 (default)",
+    "reflect": "a <- max(l - max(a - l + d/2, (l - B)/4), B): the library's "
+               "aov_rule=\"reflect\"",
+    "fixed": "reference: AOVs never move from B (ALI-G's step size)",
+    "min_step": "a <- max(min(a, l) - d/2, B): from the loss, by the "
+                "paper's step (dropped: freezes at small and large steps)",
+    "min_double": "a <- max(min(a, l) - d, B), d doubled at each reach "
+                  "(dropped: freezes at the grid's ends)",
+    "bisect": "a <- B + (l - B)/2 (dropped: ALI-G-like, less annealing, "
+              "worse than reflect on the grid and on rank 10)",
+    "reset": "a <- B until not reached again (dropped: as good as reflect "
+             "on the interpolating problems, worse at large steps on ranks "
+             "1 and 4)",
+}
+
+
 def resolve(rule: str):
   """A rule by name: the library's (``aov_rule=``) or a candidate."""
   if rule in CANDIDATES:
@@ -300,6 +319,17 @@ def targets(results: dict) -> list[str]:
                      f"{best['tuned_lr']:g})")
       out.append(f"| {rule} | " + " | ".join(cells) + " |")
     out.append("")
+  all_rows = [r for t in results["tasks"].values() for r in summarise(t)]
+  out += ["### Robustness over the grid (every task and momentum of this run)",
+          "", "| rule | grid points at the floor | zero steps in the last "
+          "section, whole grid |", "| --- | --- | --- |"]
+  for rule in _ordered({r["rule"] for r in all_rows}):
+    rows = [r for r in all_rows if r["rule"] == rule]
+    hits = sum(round(r["grid_near"] * r["grid_points"]) for r in rows)
+    points = sum(r["grid_points"] for r in rows)
+    zero = np.mean([r["grid_zero_share_last"] for r in rows])
+    out.append(f"| {rule} | {hits}/{points} | {zero:.0%} |")
+  out.append("")
   worse = []
   for name, t in results["tasks"].items():
     rows = summarise(t)
@@ -341,7 +371,12 @@ def markdown(results: dict) -> str:
       f"{ZERO_FLOOR_TARGET:g}; where it is unknown, within {WITHIN:.0%} of "
       "the lowest final loss any rule reached on the task. `fixed` is not a "
       "rule but the reference of AOVs that stay at the lower bound (ALI-G's "
-      "step size).", "", "## Summary", ""] + targets(results)
+      "step size).", "", "Rules in this run (what a reached AOV does; "
+      "the not-reached and never-seen cases are the paper's for all):", ""]
+  rules = _ordered({k.split("|")[1] for t in results["tasks"].values()
+                    for k in t["records"]})
+  lines += [f"- `{r}`: {RULE_NOTES.get(r, 'a callable')}" for r in rules]
+  lines += ["", "## Summary", ""] + targets(results)
   for name, t in results["tasks"].items():
     floor = t["floor"]
     fl = ("unknown" if floor is None else f"{floor:.6g}")

@@ -460,3 +460,58 @@ def test_matrix_factorisation_prints_each_optimisers_distance_from_floor(
     assert float(worst[1:]) >= float(mean[1:])
   # Progress lines reach a log (pytest's stdout is not a terminal).
   assert "] done: 2 epochs" in out
+
+
+def test_distillation_student_starts_from_the_teachers_losses():
+  # The table is each training example's own loss under the teacher, at its
+  # dataset index; the teacher variants' AALIG starts from exactly it, the
+  # others from the lower bound 0.
+  import jax.numpy as jnp
+  from flax import nnx
+  from examples import distillation
+  from examples import matrix_factorisation
+  problem = matrix_factorisation.make_problem(5, 0)
+  model = problem.make_model(nnx.Rngs(3))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # Batch 300 over 800 examples: the last batch is padded and masked.
+  table = distillation.teacher_table(problem, graphdef, params, rest, 300)
+  x, y = problem.data.x_train, problem.data.y_train
+  direct = np.mean((np.asarray(model(jnp.asarray(x))) - y) ** 2, axis=-1)
+  assert table.shape == (800,) and table.dtype == jnp.float32
+  np.testing.assert_allclose(table, direct, rtol=1e-5, atol=1e-8)
+  ctx = optimizers.RunContext.create(800, 100, 10, drop_remainder=True)
+  student = matrix_factorisation.make_problem(4, 0).make_model(nnx.Rngs(0))
+  student_params = nnx.state(student, nnx.Param)
+  for variant, (from_teacher, _) in distillation.VARIANTS.items():
+    tx = distillation.student_optimizer(variant, 1.0, ctx, table)
+    aov = optimizers.aalig_state(tx.init(student_params)).aov
+    np.testing.assert_array_equal(aov, table if from_teacher else 0.0)
+  with pytest.raises(ValueError, match="teacher's table"):
+    distillation.student_optimizer("teacher", 1.0, ctx, None)
+
+
+def test_distillation_example(tmp_path):
+  from examples import distillation
+  rows = distillation.main([
+      "--epochs", "2", "--seeds", "1", "--variants", "zero,teacher",
+      "--workdir", str(tmp_path), "--quiet"])
+  zero, teacher, teacher_model = rows
+  assert zero["variant"].startswith("zero") and len(rows) == 3
+  table = np.load(tmp_path / "teacher_seed0" / "aov_table.npy")
+  assert table.shape == (800,) and np.all(table > 0)
+  # What the student's AALIG started from: the teacher's table, whose mean
+  # is the teacher's training loss as the evaluator measured it.
+  assert teacher["initial_mean_aov_per_seed"] == [
+      pytest.approx(float(np.mean(table)))]
+  assert zero["initial_mean_aov_per_seed"] == [0.0]
+  assert teacher_model["table_mean_per_seed"][0] == pytest.approx(
+      teacher_model["train_loss_mean"], rel=1e-4)
+  for r in (zero, teacher):
+    assert 0.0 <= r["zero_step_share_mean"] <= 1.0
+    assert r["train_loss_mean"] > 0
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert len(results["histories"]) == 3
+  assert all(len(h) == 2 for h in results["histories"].values())
+  for f in ("distillation.png", "students_seed0.png", "results.md"):
+    assert (tmp_path / f).stat().st_size > 0
+  assert "± " not in (tmp_path / "results.md").read_text()  # One seed.

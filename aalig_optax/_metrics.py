@@ -21,8 +21,11 @@ def aalig_metrics(state) -> dict[str, jax.Array]:
     A dict of scalar arrays: ``step_size`` (gamma of the last step),
     ``mean_aov`` (over all examples), ``reached_fraction`` (share of seen
     examples whose AOV was reached at the last section end, NaN before the
-    first), ``sections_done`` and ``num_invalid`` (rows dropped for an
-    out-of-range index).
+    first), ``mean_gap`` (mean of last recorded loss minus AOV over the
+    examples seen, NaN before any), ``sections_done`` and ``num_invalid``
+    (rows dropped for an out-of-range index). A negative ``mean_gap`` with
+    ``step_size`` 0 means the AOVs overshot the losses and training has
+    stopped (the paper's rule can freeze so; ``aov_rule="reflect"`` cannot).
 
   Example:
     >>> import jax.numpy as jnp
@@ -32,9 +35,13 @@ def aalig_metrics(state) -> dict[str, jax.Array]:
     0.0
   """
   s = the_aalig_state(state)
+  last = s.last_loss.astype(jnp.float32)
+  seen = ~jnp.isnan(last)
+  gap = jnp.where(seen, last - s.aov.astype(jnp.float32), 0.0)
   return dict(
       step_size=s.step_size,
       mean_aov=jnp.mean(s.aov.astype(jnp.float32)),
+      mean_gap=jnp.sum(gap) / jnp.where(seen.any(), jnp.sum(seen), jnp.nan),
       reached_fraction=s.reached_fraction,
       sections_done=s.num_sections,
       num_invalid=s.num_invalid,

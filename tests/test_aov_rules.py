@@ -294,3 +294,15 @@ def test_loss_table_duplicates_masks_and_missing_rows():
 def test_loss_table_refuses_bad_batches(batch, match):
   with pytest.raises(ValueError, match=match):
     ao.loss_table(_sq_loss, jnp.ones(1), [batch], 6, fill_value=0.0)
+
+
+def test_mean_gap_shows_a_freeze():
+  """aalig_metrics' mean_gap: last loss minus AOV over the seen examples
+  only; negative once the AOVs overshoot the losses."""
+  opt = ao.aalig(0.1, 4, 1, 1)
+  core, trace = opt.init(jnp.zeros(2))
+  assert np.isnan(float(ao.aalig_metrics((core, trace))["mean_gap"]))
+  core = core._replace(aov=jnp.array([1.0, 2.0, 3.0, 9.0]),
+                       last_loss=jnp.array([0.5, 1.0, 3.0, jnp.nan]))
+  gap = float(ao.aalig_metrics((core, trace))["mean_gap"])
+  assert gap == pytest.approx(-0.5)

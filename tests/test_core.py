@@ -385,7 +385,8 @@ def test_tree_get_finds_tables_inside_any_chain():
   assert optax.tree_utils.tree_get(state, "aov").shape == (9,)
   assert optax.tree_utils.tree_get(state, "count").shape == ()
   metrics = ao.aalig_metrics(state)
-  assert set(metrics) == {"step_size", "mean_aov", "reached_fraction",
+  assert set(metrics) == {"step_size", "mean_aov", "mean_gap",
+                          "reached_fraction",
                           "sections_done", "num_invalid", "num_skipped",
                           "num_clipped"}
 

@@ -15,7 +15,7 @@ Run (results in ``benchmarks/results/aov_rules.{json,md,png}``)::
 
     python -m benchmarks.aov_rules                 # Sec. 5.1's MF + mushrooms
     python -m benchmarks.aov_rules --tasks regime_fmnist_mlp --seeds 2
-    python -m benchmarks.aov_rules --smoke         # seconds, for CI
+    python -m benchmarks.aov_rules --smoke         # a minute, for CI
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import optax
 
 import aalig_optax
 from benchmarks import engine
+from benchmarks import regime_tasks
 from benchmarks import tasks as tasks_lib
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
@@ -480,20 +481,39 @@ def rewrite(stem: str) -> None:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0] + " Rules: the library's "
+      f"{RULES[:2]}, the reference 'fixed', candidates "
+      f"{tuple(c for c in CANDIDATES if c != 'fixed')}.")
+  parser.add_argument(
+      "--tasks", default=",".join(DEFAULT_TASKS),
+      help="comma-separated task names of benchmarks.tasks (default: "
+      "%(default)s; also rbf_ijcnn1, regime_fmnist_mlp, regime_tolstoi_lstm)")
   parser.add_argument("--rules", default=",".join(RULES),
-                      help="aov_rule names of the library, or CANDIDATES")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--out", default=RESULTS_DIR)
+                      help="comma-separated rules (default: %(default)s)")
+  parser.add_argument("--seeds", type=int, default=5,
+                      help="seeds per step size (default: %(default)s)")
+  parser.add_argument("--out", default=RESULTS_DIR,
+                      help="results folder (default: benchmarks/results)")
   parser.add_argument("--name", default="aov_rules",
                       help="the results files' stem")
   parser.add_argument("--smoke", action="store_true",
-                      help="a seconds-long run; numbers mean nothing")
+                      help="tiny data, 2 epochs, 2 step sizes (about a "
+                      "minute); numbers mean nothing")
   args = parser.parse_args(argv)
   rules = args.rules.split(",")
   for r in rules:
-    resolve(r)
+    try:
+      resolve(r)
+    except ValueError as e:
+      parser.error(str(e))
+  known = (tasks_lib.TASK_NAMES + tasks_lib.SHORT_TASK_NAMES
+           + regime_tasks.REGIME_TASK_NAMES)
+  unknown = [t for t in args.tasks.split(",") if t not in known]
+  if unknown:
+    parser.error(f"unknown task(s) {unknown}; choose from {known}")
+  if args.seeds < 1:
+    parser.error(f"--seeds must be at least 1, got {args.seeds}")
   t0 = time.time()
   res = run(args.tasks.split(","), rules, args.seeds, args.smoke)
   from examples.common import report as report_lib

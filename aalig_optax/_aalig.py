@@ -287,25 +287,48 @@ def _scale_by_aalig(
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
 
-    def rare(batch, grads32):
-      # The mean overflowed, or ||g||^2 is not finite: the gap summed again
-      # after scaling, and the step size of a scaled gradient.
+    # The usual case (a finite mean and ||g||^2): polyak_step_size without
+    # its finiteness checks, one scalar kernel; the mean is fused into it.
+    denom = sq_norm + eps_
+    usual_step = jnp.where(
+        denom > jnp.finfo(jnp.float32).eps,
+        jnp.minimum(jnp.maximum(jnp.where(n > 0, mean, 0.0), 0.0) / denom,
+                    max_lr), 0.0)
+    # The rare case: the mean overflowed (exactly when the sum does: n >= 1
+    # in the mean), or ||g||^2 is not finite. An int32 index, read by the
+    # cond and (cheaply recomputed) by the selects below: one kernel.
+    rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(sq_norm),
+                       0, 1)
+    rare_case = rare_i > 0
+
+    def rare(batch, grads32, sums):
+      # The gap summed again after scaling, and the step size of a scaled
+      # gradient; a batch to skip (a non-finite gap or gradient) gets a NaN
+      # coefficient.
+      del sums
+      mean = _batch_mean(loss_sum - aov_sum, n)
       scaled = _scaled_mean(*kept(*batch), n, axis_name)
       gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled), 0.0)
-      return _alig.checked_step_coefficients(gap, grads32, sq_norm, max_lr,
-                                             eps_) + (gap,)
+      coef, scale, _, grads_finite = _alig.checked_step_coefficients(
+          gap, grads32, sq_norm, max_lr, eps_)
+      return (jnp.where(jnp.isfinite(gap) & grads_finite, coef, jnp.nan),
+              scale)
 
-    def usual(batch, grads32):
+    def usual(batch, grads32, sums):
+      # Two of the cond's own operands, dead after it, handed back unchanged:
+      # this branch runs no kernel (the selects below ignore its values).
       del batch, grads32
-      gap = jnp.where(n > 0, mean, 0.0)
-      step = _alig.polyak_step_size(gap, sq_norm, max_lr, eps_)
-      return step, jnp.float32(1), step, jnp.bool_(True), gap
+      return sums
 
-    coef, scale, step_size, grads_finite, gap = jax.lax.cond(
-        ~(jnp.isfinite(mean) & jnp.isfinite(sq_norm)), rare, usual, batch,
-        grads32)
+    rare_coef, rare_scale = jax.lax.switch(rare_i, (usual, rare), batch,
+                                           grads32, (loss_sum, aov_sum))
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-    skip = ~(jnp.isfinite(gap) & grads_finite)
+    # (The usual case has a finite gap and gradient.)
+    skip = rare_case & jnp.isnan(rare_coef)
+    coef = jnp.where(rare_case, rare_coef, usual_step)
+    scale = jnp.where(rare_case, rare_scale, 1.0)
+    # c * s, or gamma * 1 where ||g||^2 did not overflow.
+    step_size = jnp.where(rare_case, rare_coef * rare_scale, usual_step)
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
         updates)

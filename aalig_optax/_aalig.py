@@ -259,10 +259,18 @@ def _scale_by_aalig(
     if jnp.iinfo(indices.dtype).bits < 32:
       # Compared in their own dtype, narrow indices would wrap num_examples.
       indices = indices.astype(jnp.int32)
-    in_range = (indices >= 0) & (indices < num_examples)
-    valid = mask & in_range
-    # int32 after the range check, so wide indices cannot wrap into range.
-    safe_idx = jnp.where(in_range, indices, 0).astype(jnp.int32)
+
+    def rows(indices, mask):
+      """(in_range, valid, safe_idx): cheap, recomputed by each kernel that
+      reads them (none is written to memory)."""
+      # 0 <= i < N as one unsigned comparison (negatives wrap above N).
+      unsigned = jnp.dtype(f"uint{jnp.iinfo(indices.dtype).bits}")
+      in_range = indices.astype(unsigned) < num_examples
+      # int32 after the range check, so wide indices cannot wrap into range.
+      return (in_range, mask & in_range,
+              jnp.where(in_range, indices, 0).astype(jnp.int32))
+
+    in_range, valid, _ = rows(indices, mask)
 
     # Injected (traced) hyperparameters are clipped into their valid range.
     max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
@@ -272,12 +280,13 @@ def _scale_by_aalig(
                                              table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound
 
-    def kept(losses, aov, safe_idx, valid):
+    def kept(losses, aov, indices, mask):
       """The valid rows' losses and AOVs, zero elsewhere."""
+      _, valid, safe_idx = rows(indices, mask)
       aov_b = _tables.take(aov, safe_idx).astype(jnp.float32)
       return jnp.where(valid, losses, 0.0), jnp.where(valid, aov_b, 0.0)
 
-    batch = (losses, state.aov, safe_idx, valid)
+    batch = (losses, state.aov, indices, mask)
     kept_losses, kept_aovs = kept(*batch)
     # The batch's counts and sums, in one pass over its rows.
     n, loss_sum, aov_sum, num_invalid = _tables.psum(_tables.batch_sums(
@@ -334,8 +343,10 @@ def _scale_by_aalig(
         updates)
 
     record = valid & ~skip
-    write_idx = _tables.gather(jnp.where(record, safe_idx, num_examples),
-                               axis_name)
+    # (A valid row's index is in range: no need of safe_idx.)
+    write_idx = _tables.gather(
+        jnp.where(record, indices, num_examples).astype(jnp.int32),
+        axis_name)
     rec_losses = _tables.gather(jnp.clip(losses, -table_max, table_max),
                                 axis_name)
     last_loss = _tables.record(state.last_loss, write_idx, rec_losses)

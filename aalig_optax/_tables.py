@@ -19,7 +19,8 @@ def record(table, write_idx, values):
   plain scatter-set whose winner XLA leaves unspecified. Of the rows of each
   index, all but the one first in (value, position) order are sent out of
   range, so that one plain scatter-set writes each index once; values are
-  ordered as `lax.sort` orders them (-0 before +0). Up to PAIRWISE_MAX_ROWS
+  compared as `lax.sort` compares them (-0 equal to +0, NaNs equal and last,
+  ties to the earlier row). Up to PAIRWISE_MAX_ROWS
   rows, by comparing all pairs of rows: one fused [B, B] reduction, cheaper
   than a sort for a batch this small and two kernels fewer; above it, or on
   a mesh with Explicit axes (where a variadic reduction has no sharding
@@ -56,8 +57,8 @@ def record(table, write_idx, values):
 
 def _first_of_each_index(idx, values, dropped):
   """(idx, values) with `dropped` at each row that another row of its index
-  comes before in (value, position) order, values in `lax.sort`'s total
-  order (-0 before +0).
+  comes before in (value, position) order, values compared as `lax.sort`
+  compares them (-0 equal to +0, NaNs equal and last).
 
   One variadic reduction over all pairs of rows, the comparisons fused into
   it (nothing [B, B] in memory): for row i, the largest of idx[i] and
@@ -66,8 +67,12 @@ def _first_of_each_index(idx, values, dropped):
   lone reduction XLA:CPU would split into partial reductions over threads
   and write the [B, B] comparisons to memory (see batch_sums).
   """
+  # As lax.sort compares floats: -0 equal to +0, every NaN equal and last.
+  canonical = jnp.where(values == 0, jnp.zeros_like(values), values)
+  canonical = jnp.where(jnp.isnan(values), jnp.nan, canonical).astype(
+      values.dtype)
   bits = jnp.dtype(values.dtype).itemsize * 8
-  signed = jax.lax.bitcast_convert_type(values, jnp.dtype(f"int{bits}"))
+  signed = jax.lax.bitcast_convert_type(canonical, jnp.dtype(f"int{bits}"))
   # The total order of floats as integers: negatives' magnitude bits flipped.
   key = jnp.where(signed < 0, signed ^ jnp.iinfo(signed.dtype).max, signed)
   pos = jnp.arange(idx.shape[0])

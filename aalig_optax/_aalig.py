@@ -259,10 +259,18 @@ def _scale_by_aalig(
     if jnp.iinfo(indices.dtype).bits < 32:
       # Compared in their own dtype, narrow indices would wrap num_examples.
       indices = indices.astype(jnp.int32)
-    in_range = (indices >= 0) & (indices < num_examples)
-    valid = mask & in_range
-    # int32 after the range check, so wide indices cannot wrap into range.
-    safe_idx = jnp.where(in_range, indices, 0).astype(jnp.int32)
+
+    def rows(indices, mask):
+      """(in_range, valid, safe_idx): cheap, recomputed by each kernel that
+      reads them (none is written to memory)."""
+      # 0 <= i < N as one unsigned comparison (negatives wrap above N).
+      unsigned = jnp.dtype(f"uint{jnp.iinfo(indices.dtype).bits}")
+      in_range = indices.astype(unsigned) < num_examples
+      # int32 after the range check, so wide indices cannot wrap into range.
+      return (in_range, mask & in_range,
+              jnp.where(in_range, indices, 0).astype(jnp.int32))
+
+    in_range, valid, _ = rows(indices, mask)
 
     # Injected (traced) hyperparameters are clipped into their valid range.
     max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
@@ -272,12 +280,13 @@ def _scale_by_aalig(
                                              table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound
 
-    def kept(losses, aov, safe_idx, valid):
+    def kept(losses, aov, indices, mask):
       """The valid rows' losses and AOVs, zero elsewhere."""
+      _, valid, safe_idx = rows(indices, mask)
       aov_b = _tables.take(aov, safe_idx).astype(jnp.float32)
       return jnp.where(valid, losses, 0.0), jnp.where(valid, aov_b, 0.0)
 
-    batch = (losses, state.aov, safe_idx, valid)
+    batch = (losses, state.aov, indices, mask)
     kept_losses, kept_aovs = kept(*batch)
     # The batch's counts and sums, in one pass over its rows.
     n, loss_sum, aov_sum, num_invalid = _tables.psum(_tables.batch_sums(
@@ -287,32 +296,57 @@ def _scale_by_aalig(
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
 
-    def rare(batch, grads32):
-      # The mean overflowed, or ||g||^2 is not finite: the gap summed again
-      # after scaling, and the step size of a scaled gradient.
+    # The usual case (a finite mean and ||g||^2): polyak_step_size without
+    # its finiteness checks, one scalar kernel; the mean is fused into it.
+    denom = sq_norm + eps_
+    usual_step = jnp.where(
+        denom > jnp.finfo(jnp.float32).eps,
+        jnp.minimum(jnp.maximum(jnp.where(n > 0, mean, 0.0), 0.0) / denom,
+                    max_lr), 0.0)
+    # The rare case: the mean overflowed (exactly when the sum does: n >= 1
+    # in the mean), or ||g||^2 is not finite. An int32 index, read by the
+    # cond and (cheaply recomputed) by the selects below: one kernel.
+    rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(sq_norm),
+                       0, 1)
+    rare_case = rare_i > 0
+
+    def rare(batch, grads32, sums):
+      # The gap summed again after scaling, and the step size of a scaled
+      # gradient; a batch to skip (a non-finite gap or gradient) gets a NaN
+      # coefficient.
+      del sums
+      mean = _batch_mean(loss_sum - aov_sum, n)
       scaled = _scaled_mean(*kept(*batch), n, axis_name)
       gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled), 0.0)
-      return _alig.checked_step_coefficients(gap, grads32, sq_norm, max_lr,
-                                             eps_) + (gap,)
+      coef, scale, _, grads_finite = _alig.checked_step_coefficients(
+          gap, grads32, sq_norm, max_lr, eps_)
+      return (jnp.where(jnp.isfinite(gap) & grads_finite, coef, jnp.nan),
+              scale)
 
-    def usual(batch, grads32):
+    def usual(batch, grads32, sums):
+      # Two of the cond's own operands, dead after it, handed back unchanged:
+      # this branch runs no kernel (the selects below ignore its values).
       del batch, grads32
-      gap = jnp.where(n > 0, mean, 0.0)
-      step = _alig.polyak_step_size(gap, sq_norm, max_lr, eps_)
-      return step, jnp.float32(1), step, jnp.bool_(True), gap
+      return sums
 
-    coef, scale, step_size, grads_finite, gap = jax.lax.cond(
-        ~(jnp.isfinite(mean) & jnp.isfinite(sq_norm)), rare, usual, batch,
-        grads32)
+    rare_coef, rare_scale = jax.lax.switch(rare_i, (usual, rare), batch,
+                                           grads32, (loss_sum, aov_sum))
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-    skip = ~(jnp.isfinite(gap) & grads_finite)
+    # (The usual case has a finite gap and gradient.)
+    skip = rare_case & jnp.isnan(rare_coef)
+    coef = jnp.where(rare_case, rare_coef, usual_step)
+    scale = jnp.where(rare_case, rare_scale, 1.0)
+    # c * s, or gamma * 1 where ||g||^2 did not overflow.
+    step_size = jnp.where(rare_case, rare_coef * rare_scale, usual_step)
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
         updates)
 
     record = valid & ~skip
-    write_idx = _tables.gather(jnp.where(record, safe_idx, num_examples),
-                               axis_name)
+    # (A valid row's index is in range: no need of safe_idx.)
+    write_idx = _tables.gather(
+        jnp.where(record, indices, num_examples).astype(jnp.int32),
+        axis_name)
     rec_losses = _tables.gather(jnp.clip(losses, -table_max, table_max),
                                 axis_name)
     last_loss = _tables.record(state.last_loss, write_idx, rec_losses)

@@ -6,15 +6,26 @@ import jax
 import jax.numpy as jnp
 
 
+# Batches of up to this many rows (after gathering over `axis_name`) find
+# their duplicated indices by comparing every row with every other; larger
+# ones by a sort.
+PAIRWISE_MAX_ROWS = 256
+
+
 def record(table, write_idx, values):
   """Writes `values` at `write_idx`; out-of-range entries are dropped.
 
   Duplicated indices keep their lowest value: a deterministic choice, unlike a
-  plain scatter-set whose winner XLA leaves unspecified. The rows are sorted by
-  (index, value); the first row of each index holds its lowest value, and the
-  other rows of that index are sent out of range, so that one plain
-  scatter-set writes each index once. (A scatter-min would do, but XLA
-  partitions one into a replicated table from a sharded batch as an
+  plain scatter-set whose winner XLA leaves unspecified. Of the rows of each
+  index, all but the one first in (value, position) order are sent out of
+  range, so that one plain scatter-set writes each index once; values are
+  compared as `lax.sort` compares them (-0 equal to +0, NaNs equal and last,
+  ties to the earlier row). Up to PAIRWISE_MAX_ROWS
+  rows, by comparing all pairs of rows: one fused [B, B] reduction, cheaper
+  than a sort for a batch this small and two kernels fewer; above it, or on
+  a mesh with Explicit axes (where a variadic reduction has no sharding
+  rule), by sorting the rows by (index, value). (A scatter-min would do, but
+  XLA partitions one into a replicated table from a sharded batch as an
   all-reduce-min of the whole table, O(N) per step, which also turns the NaN
   of never-seen examples into inf.)
 
@@ -27,12 +38,57 @@ def record(table, write_idx, values):
   mesh = next((m for m in meshes if m is not None), None)
   write_idx = _replicate_on(write_idx, mesh)
   values = _replicate_on(values, mesh)
-  idx, values = jax.lax.sort((write_idx, values), num_keys=2)
-  if idx.shape[0] > 1:
+  rows = write_idx.shape[0]
+  if 1 < rows <= PAIRWISE_MAX_ROWS and mesh is None:
+    idx, values = _first_of_each_index(write_idx, values, table.shape[0])
+  elif rows > 1:
+    idx, values = jax.lax.sort((write_idx, values), num_keys=2)
     first = jnp.concatenate([jnp.ones((1,), jnp.bool_), idx[1:] != idx[:-1]])
     idx = jnp.where(first, idx, table.shape[0])
-  return table.at[idx].set(values, mode="drop",
-                           **_explicit_out_sharding(table))
+  else:
+    idx = write_idx
+  kwargs = dict(mode="drop", **_explicit_out_sharding(table))
+  try:
+    # No index is negative: nothing to wrap (one kernel fewer).
+    return table.at[idx].set(values, wrap_negative_indices=False, **kwargs)
+  except TypeError:  # A JAX without the option.
+    return table.at[idx].set(values, **kwargs)
+
+
+def _first_of_each_index(idx, values, dropped):
+  """(idx, values) with `dropped` at each row that another row of its index
+  comes before in (value, position) order, values compared as `lax.sort`
+  compares them (-0 equal to +0, NaNs equal and last).
+
+  One variadic reduction over all pairs of rows, the comparisons fused into
+  it (nothing [B, B] in memory): for row i, the largest of idx[i] and
+  `dropped` where another row comes first, and values[i] (the minimum of
+  values[i] and +inf), so that the values come out of the same kernel. A
+  lone reduction XLA:CPU would split into partial reductions over threads
+  and write the [B, B] comparisons to memory (see batch_sums).
+  """
+  # As lax.sort compares floats: -0 equal to +0, every NaN equal and last.
+  canonical = jnp.where(values == 0, jnp.zeros_like(values), values)
+  canonical = jnp.where(jnp.isnan(values), jnp.nan, canonical).astype(
+      values.dtype)
+  bits = jnp.dtype(values.dtype).itemsize * 8
+  signed = jax.lax.bitcast_convert_type(canonical, jnp.dtype(f"int{bits}"))
+  # The total order of floats as integers: negatives' magnitude bits flipped.
+  key = jnp.where(signed < 0, signed ^ jnp.iinfo(signed.dtype).max, signed)
+  pos = jnp.arange(idx.shape[0])
+  # [i, j]: row j comes before row i in row i's index.
+  ahead = (idx[None, :] == idx[:, None]) & (
+      (key[None, :] < key[:, None])
+      | ((key[None, :] == key[:, None]) & (pos[None, :] < pos[:, None])))
+  own = pos[None, :] == pos[:, None]
+  inf = jnp.asarray(jnp.inf, values.dtype)
+  idx_ij = jnp.where(ahead, dropped,
+                     jnp.broadcast_to(idx[:, None], ahead.shape))
+  val_ij = jnp.where(own, values[:, None], inf)
+  lowest = jnp.asarray(jnp.iinfo(idx.dtype).min, idx.dtype)
+  return jax.lax.reduce(
+      (idx_ij, val_ij), (lowest, inf),
+      lambda x, y: (jnp.maximum(x[0], y[0]), jnp.minimum(x[1], y[1])), (1,))
 
 
 def take(table, idx):

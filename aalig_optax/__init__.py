@@ -1,6 +1,6 @@
 """aalig-optax: AALIG (Adaptive ALI-G) and ALI-G as Optax transforms."""
 
-from aalig_optax._aalig import aalig
+from aalig_optax._optimizer import aalig
 from aalig_optax._aalig import scale_by_aalig
 from aalig_optax._aov import update_aovs
 from aalig_optax._aov import update_aovs_reflect

@@ -10,6 +10,14 @@ import optax
 from aalig_optax._state import ScaleByAaligState
 
 
+def _new_steps(a, d, lo, dtype):
+  """The step table after a section end, for every rule here: half the
+  increase where the AOV was not reached (`lo > a`, or a NaN AOV next to a
+  seen loss), unchanged elsewhere."""
+  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
+  return jnp.where(up, lo / 2 - a / 2, d).astype(dtype)
+
+
 def update_aovs(
     aov: chex.Array,
     aov_step: chex.Array,
@@ -66,8 +74,7 @@ def update_aovs(
   # The new step first, then the AOV from it (equal to the old step where
   # reached): each table then reads only itself and tables already written,
   # so that under `jit` XLA updates both in place (no per-step table copy).
-  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
-  new_d = jnp.where(up, lo / 2 - a / 2, d).astype(aov_step.dtype)
+  new_d = _new_steps(a, d, lo, aov_step.dtype)
   new_a = jnp.where(
       lo <= a,
       jnp.maximum(a - new_d.astype(jnp.float32) / 2,
@@ -141,10 +148,10 @@ def update_aovs_reflect(
   bound = jnp.asarray(lower_bound, jnp.float32)
   # As in update_aovs: the step table first, then the AOV, each from its own
   # comparisons, so that XLA writes both tables in place.
-  up = (lo > a) | (jnp.isnan(a) & ~jnp.isnan(lo))
-  new_d = jnp.where(up, lo / 2 - a / 2, d).astype(aov_step.dtype)
-  # Halves before differences: finite for any finite table entries.
-  below = jnp.maximum((a / 2 - lo / 2) * 2 + new_d.astype(jnp.float32) / 2,
+  new_d = _new_steps(a, d, lo, aov_step.dtype)
+  # (l - B)/4 in quarters, finite for any finite l and B; an a - l that
+  # overflows is inf, and the AOV is then clamped at B.
+  below = jnp.maximum(a - lo + new_d.astype(jnp.float32) / 2,
                       lo / 4 - bound / 4)
   new_a = jnp.where(
       lo <= a, jnp.maximum(lo - below, bound),

@@ -57,10 +57,12 @@ def initial_table(initial_aov, params, num_examples: int, lower_bound,
   """The AOV table at init: `lower_bound` everywhere unless given."""
   if initial_aov is None:
     return jnp.full((num_examples,), lower_bound, dtype)
-  values = initial_aov(params) if callable(initial_aov) else initial_aov
-  values = jnp.asarray(values)
-  _check_shape(values, num_examples)
-  _check_values(values, lower_bound, table_max)
+  if callable(initial_aov):
+    values = jnp.asarray(initial_aov(params))
+    _check_shape(values, num_examples)
+    _check_values(values, lower_bound, table_max)
+  else:  # Checked when the transform was built (check_initial_aov).
+    values = jnp.asarray(initial_aov)
   # Traced values cannot be checked: kept within [lower_bound, table max],
   # NaN read as the lower bound (an AOV that is never above the truth).
   bound = jnp.asarray(lower_bound, jnp.float32)

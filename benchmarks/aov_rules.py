@@ -113,6 +113,7 @@ class Runner:
   def __init__(self, task: tasks_lib.Task):
     self.task = task
     self.progs = engine.Programs(task)
+    self.data = {k: jnp.asarray(v) for k, v in task.data.items()}
     self._epochs: dict[Any, Callable] = {}
 
   def _epoch_fn(self, rule, momentum):
@@ -183,11 +184,6 @@ class Runner:
         "reached_fraction": float(core.reached_fraction[i]),
     } for i, (lr, seed) in enumerate(configs)]
 
-  @property
-  def data(self):
-    if not hasattr(self, "_data"):
-      self._data = {k: jnp.asarray(v) for k, v in self.task.data.items()}
-    return self._data
 
 
 def _floor(task) -> float | None:

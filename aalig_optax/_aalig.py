@@ -347,7 +347,15 @@ def _scale_by_aalig(
         axis_name)
     rec_losses = _tables.gather(jnp.clip(losses, -table_max, table_max),
                                 axis_name)
-    last_loss = _tables.record(state.last_loss, write_idx, rec_losses)
+    # An index repeated with different losses is resolved (its lowest loss
+    # written again) in the section-end cond below, which the step has
+    # anyway: a cond of its own cost the step more than its work.
+    last_loss, unresolved, keep_lowest = _tables.write_rows(
+        state.last_loss, write_idx, rec_losses)
+    if best_epoch:  # The epoch end reads the table: resolved at once.
+      last_loss = jax.lax.cond(unresolved, keep_lowest, lambda t: t,
+                               last_loss)
+      unresolved = False
 
     count = jnp.where(skip, state.count,
                       jnp.where(state.count >= count_period - 1, 0,
@@ -378,10 +386,19 @@ def _scale_by_aalig(
           epoch_loss_count=total)
       new_state = jax.lax.cond(~skip & (count % steps_per_epoch == 0),
                                _aov.end_epoch, lambda s: s, new_state)
-    # The only O(N) work, run once a section.
-    new_state = jax.lax.cond(~skip & (count % steps_per_section == 0),
-                             lambda s: _aov.end_section(s, bound, rule),
-                             lambda s: s, new_state)
+    # The only O(N) work, run once a section (after resolving the record).
+    section_end = ~skip & (count % steps_per_section == 0)
+
+    def rare(s):
+      s = s._replace(last_loss=keep_lowest(s.last_loss))
+      # (A skipped batch records nothing, so never comes here: the section
+      # ends if the count says so.)
+      return jax.lax.cond(s.count % steps_per_section == 0,
+                          lambda s: _aov.end_section(s, bound, rule),
+                          lambda s: s, s)
+
+    new_state = jax.lax.cond(section_end | unresolved, rare, lambda s: s,
+                             new_state)
     return new_updates, new_state, skip, clipped
 
   def update_fn(updates, state, params=None, *, losses=None, indices=None,

@@ -58,3 +58,33 @@ def entry_kernels(text: str) -> dict[str, int]:
       if m and m.group(1) not in _FREE:
         counts[m.group(1)] = counts.get(m.group(1), 0) + 1
   return counts
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+
+
+def usual_path(text: str) -> str:
+  """The HLO text of what runs at every call: the ENTRY computation and the
+  computations its fusions call, not the branches of its conditionals."""
+  bodies: dict[str, list[str]] = {}
+  entry, name = None, None
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m and line.rstrip().endswith("{"):
+      name = m.group(1)
+      bodies[name] = []
+      if line.startswith("ENTRY"):
+        entry = name
+    elif name is not None:
+      bodies[name].append(line)
+  out, todo, seen = [], [entry], set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in bodies:
+      continue
+    seen.add(name)
+    for line in bodies[name]:
+      out.append(line)
+      todo.extend(_CALLS.findall(line))
+  return "\n".join(out)

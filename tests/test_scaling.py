@@ -508,3 +508,75 @@ def test_reflect_rule_and_initial_aov_on_a_split_table():
   assert int(state[0].num_sections) == 3
   # The run moved the starting AOVs.
   assert not np.allclose(np.asarray(state[0].aov), np.asarray(start))
+
+
+def _batches_with_repeated_indices():
+  """Each batch's second half repeats the first half's indices with other
+  rows' features, so that each repeated index has two different losses, one
+  on each half of the devices."""
+  half = B // 2
+  return [(rows, np.concatenate([rows[:half], rows[:half]]))
+          for rows in BATCHES]
+
+
+@pytest.mark.parametrize("run", ["jit_explicit", "jit_explicit_split",
+                                 "jit_auto", "jit_auto_split", "shard_map",
+                                 "pmap"])
+def test_repeated_indices_across_devices_match_single_device(run):
+  """An index repeated on two devices records the same (lowest) loss, and
+  the devices of a mesh agree, on every way of running data-parallel."""
+  batches = _batches_with_repeated_indices()
+  tx = make_tx(axis_name="data" if run in ("shard_map", "pmap") else None)
+  one = jax.jit(functools.partial(apply_step, make_tx()))
+  ref = (init_params(), make_tx().init(init_params()))
+  for rows, idx in batches:
+    losses, _ = losses_and_grads(ref[0], X[rows], Y[rows])
+    ref = one(*ref, X[rows], Y[rows], idx)
+  ref = jax.device_get(ref)
+  # The reference itself keeps each repeated index's lowest loss (of the
+  # last batch's, at the params before its step).
+  half = B // 2
+  chex.assert_trees_all_close(
+      ref[1][0].last_loss[idx[:half]],
+      np.minimum(losses[:half], losses[half:]), rtol=1e-6)
+  assert np.any(np.asarray(losses[:half]) != np.asarray(losses[half:]))
+
+  if run == "pmap":
+    step = jax.pmap(functools.partial(apply_step, tx, grads_axis="data"),
+                    axis_name="data", donate_argnums=(0, 1))
+    rep = lambda t: jax.tree.map(lambda a: np.stack([a] * 8), t)
+    params, state = rep(init_params()), rep(jax.device_get(
+        tx.init(init_params())))
+    split = lambda a: a.reshape((8, B // 8) + a.shape[1:])
+    for rows, idx in batches:
+      params, state = step(params, state, split(X[rows]), split(Y[rows]),
+                           split(idx))
+    params, state = jax.device_get((params, state))
+    for r in range(1, 8):
+      np.testing.assert_array_equal(state[0].last_loss[r],
+                                    state[0].last_loss[0])
+    params, state = jax.tree.map(lambda a: a[0], (params, state))
+  else:
+    if run == "shard_map":
+      mesh = mesh_of(8)
+      step = jax.jit(jax.shard_map(
+          functools.partial(shard_map_step, tx), mesh=mesh,
+          in_specs=(P(), P(), P("data"), P("data"), P("data")),
+          out_specs=(P(), P())), donate_argnums=(0, 1))
+      params = jax.device_put(init_params(), NamedSharding(mesh, P()))
+      state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+    else:
+      axis_type = AxisType.Auto if "auto" in run else AxisType.Explicit
+      mesh = mesh_of(8, axis_type)
+      table_axis = "data" if run.endswith("split") else None
+      params, state, step = placed_on_mesh(tx, mesh, table_axis)
+    batch = NamedSharding(mesh, P("data"))
+    for rows, idx in batches:
+      x, y, i = jax.device_put((X[rows], Y[rows], idx), batch)
+      params, state = step(params, state, x, y, i)
+    for shard in state[0].last_loss.addressable_shards[1:]:
+      first = state[0].last_loss.addressable_shards[0]
+      if shard.index == first.index:
+        np.testing.assert_array_equal(shard.data, first.data)
+    params, state = jax.device_get((params, state))
+  chex.assert_trees_all_close((params, state), ref, **TOL)

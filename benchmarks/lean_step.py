@@ -193,11 +193,14 @@ def overhead_models_hlo():
 
 
 def main(argv=None):
+  global B
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--rounds", type=int, default=40)
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--compile-reps", type=int, default=5)
   ap.add_argument("--n-big", type=int, default=10**7)
+  ap.add_argument("--batch", type=int, default=B,
+                  help="rows a batch (the issue's tiny model: 64)")
   ap.add_argument("--json", default=None)
   ap.add_argument("--baseline", default=None,
                   help="root of another checkout to compare with")
@@ -205,6 +208,9 @@ def main(argv=None):
                   help="only the optimiser part's HLO counts on the overhead "
                   "benchmark's models (linear, ResNet8, MLP)")
   args = ap.parse_args(argv)
+  if args.batch < 1:
+    ap.error(f"--batch must be positive, got {args.batch}")
+  B = args.batch
   if args.overhead_models:
     res = overhead_models_hlo()
     if args.json:
@@ -299,7 +305,7 @@ def main(argv=None):
             f"{res[name]['vs_base_aalig_small_n'][bbig]['paired']:.3f}",
             flush=True)
   res["environment"] = dict(
-      jax=jax.__version__, optax=optax.__version__,
+      batch=B, jax=jax.__version__, optax=optax.__version__,
       backend=jax.default_backend(), nproc=os.cpu_count(),
       load_avg=os.getloadavg(), date_utc=time.strftime("%Y-%m-%d %H:%M:%S",
                                                        time.gmtime()))

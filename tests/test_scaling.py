@@ -125,15 +125,21 @@ def shard_map_step(tx, params, state, x, y, idx):
   return optax.apply_updates(params, updates), state
 
 
-def run_shard_map(n):
-  mesh = mesh_of(n)
-  tx = make_tx(axis_name="data")
+def placed_for_shard_map(tx, mesh):
+  """Replicated params and state, and the donated shard_map step."""
   step = jax.jit(jax.shard_map(
       functools.partial(shard_map_step, tx), mesh=mesh,
       in_specs=(P(), P(), P("data"), P("data"), P("data")),
       out_specs=(P(), P())), donate_argnums=(0, 1))
   params = jax.device_put(init_params(), NamedSharding(mesh, P()))
   state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+  return params, state, step
+
+
+def run_shard_map(n):
+  mesh = mesh_of(n)
+  tx = make_tx(axis_name="data")
+  params, state, step = placed_for_shard_map(tx, mesh)
   batch = NamedSharding(mesh, P("data"))
   for idx in BATCHES:
     x, y, i = jax.device_put((X[idx], Y[idx], idx), batch)
@@ -559,12 +565,7 @@ def test_repeated_indices_across_devices_match_single_device(run):
   else:
     if run == "shard_map":
       mesh = mesh_of(8)
-      step = jax.jit(jax.shard_map(
-          functools.partial(shard_map_step, tx), mesh=mesh,
-          in_specs=(P(), P(), P("data"), P("data"), P("data")),
-          out_specs=(P(), P())), donate_argnums=(0, 1))
-      params = jax.device_put(init_params(), NamedSharding(mesh, P()))
-      state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
+      params, state, step = placed_for_shard_map(tx, mesh)
     else:
       axis_type = AxisType.Auto if "auto" in run else AxisType.Explicit
       mesh = mesh_of(8, axis_type)

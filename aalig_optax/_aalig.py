@@ -350,12 +350,12 @@ def _scale_by_aalig(
     # An index repeated with different losses is resolved (its lowest loss
     # written again) in the section-end cond below, which the step has
     # anyway: a cond of its own cost the step more than its work.
-    last_loss, unresolved, keep_lowest = _tables.write_rows(
-        state.last_loss, write_idx, rec_losses)
     if best_epoch:  # The epoch end reads the table: resolved at once.
-      last_loss = jax.lax.cond(unresolved, keep_lowest, lambda t: t,
-                               last_loss)
-      unresolved = False
+      last_loss = _tables.record(state.last_loss, write_idx, rec_losses)
+      unresolved, keep_lowest = False, lambda t: t
+    else:
+      last_loss, unresolved, keep_lowest = _tables.write_rows(
+          state.last_loss, write_idx, rec_losses)
 
     count = jnp.where(skip, state.count,
                       jnp.where(state.count >= count_period - 1, 0,

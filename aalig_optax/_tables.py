@@ -51,14 +51,18 @@ def write_rows(table, write_idx, values):
 
   On a mesh with Explicit axes (the table's, else the batch's), the batch-sized
   `write_idx` and `values` are first replicated on that mesh, wherever they
-  were placed (split, replicated, or not placed at all). A batch of one row
-  gives `unresolved` False (the Python bool).
+  were placed (split, replicated, or not placed at all); on a mesh of Auto
+  axes they are constrained to be replicated, so that every device reads
+  back every row (each copy of a replicated table is checked whole). A batch
+  of one row gives `unresolved` False (the Python bool).
   """
   values = values.astype(table.dtype)
   meshes = [_explicit_mesh(a) for a in (table, write_idx, values)]
   mesh = next((m for m in meshes if m is not None), None)
   write_idx = _replicate_on(write_idx, mesh)
   values = _replicate_on(values, mesh)
+  if mesh is None:
+    write_idx, values = _replicated_on_auto_mesh(table, write_idx, values)
   # Variadic reductions have no sharding rule on a mesh with Explicit axes.
   variadic = mesh is None
   if variadic:
@@ -96,6 +100,30 @@ def write_rows(table, write_idx, values):
     return _scatter_set(table, idx, vals)
 
   return written, unresolved, keep_lowest
+
+
+def _replicated_on_auto_mesh(table, *rows):
+  """`rows` constrained to be replicated, on a mesh of Auto axes only.
+
+  Under jit with such a mesh, XLA partitions the read-back of a split batch
+  into a device's own rows only: with a replicated table (one copy per
+  device, each written by its own scatter), copies that kept different rows
+  of a repeated index would go unseen. Replicated rows are read back whole
+  on every device; the scatter gathers them anyway. No mesh (one device),
+  or Manual axes (shard_map, whose rows `gather` has already collected):
+  `rows` unchanged.
+  """
+  auto = getattr(jax.sharding.AxisType, "Auto", None)
+  for x in (table,) + rows:
+    mesh = _mesh_of(x)
+    types = tuple(getattr(mesh, "axis_types", ()))
+    if (mesh is not None and not getattr(mesh, "empty", True) and types
+        and all(t == auto for t in types)):
+      replicated = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec())
+      return tuple(jax.lax.with_sharding_constraint(r, replicated)
+                   for r in rows)
+  return rows
 
 
 def _in_one_kernel(idx, values):

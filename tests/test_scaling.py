@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import aalig_optax as ao
+from aalig_optax import _tables
 from tests import hlo_checks
 
 N, D, B = 64, 4, 16            # examples, features, global batch
@@ -385,6 +386,33 @@ def test_multi_device_step_moves_no_table(table_axis):
   # The batch's rows and the scalar sums do move.
   assert hlo_checks.collectives(text)
   hlo_checks.assert_no_table_traffic(text, (n_ex, n_ex // 8), local)
+
+
+@pytest.mark.parametrize("table_axis", [None, "data"])
+def test_auto_mesh_reads_every_row_back_on_every_device(table_axis):
+  """Under jit with Auto axes, each device checks every row of the batch.
+
+  A replicated table is one copy per device, each written by its own
+  scatter; where two devices' rows repeat an index with different losses,
+  copies may keep different rows (GPU scatters do not order duplicates).
+  Only a read-back of all rows on every device sees that, so the gathers
+  of the read-back must be batch-sized, not a device's share of the batch.
+  """
+  mesh = mesh_of(8, AxisType.Auto)
+  n_ex = 8 * 512
+  table = jax.device_put(jnp.zeros(n_ex), NamedSharding(
+      mesh, P(table_axis)))
+  batch = NamedSharding(mesh, P("data"))
+  idx = jax.device_put(np.arange(B, dtype=np.int32) % (B // 2), batch)
+  values = jax.device_put(np.arange(B, dtype=np.float32), batch)
+  write = jax.jit(lambda t, i, v: _tables.write_rows(t, i, v)[:2])
+  text = write.lower(table, idx, values).compile().as_text()
+  rows = [int(m.group(1)) for m in re.finditer(
+      r"= \w+\[(\d+)(?:,1)?\]\S* gather\(", text)]
+  assert rows and all(r == B for r in rows), rows
+  written, unresolved = write(table, idx, values)
+  assert bool(unresolved)
+  np.testing.assert_array_equal(np.asarray(written)[B // 2:], 0.0)
 
 
 def test_process_example_range_splits_the_index_space():

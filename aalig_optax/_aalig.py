@@ -22,6 +22,12 @@ from aalig_optax._state import saturating_add
 from aalig_optax._state import ScaleByAaligState
 
 _LOSS_ESTIMATES = ("last", "best_epoch")
+# Platforms where the rare case's coefficient is computed at every step rather
+# than in a switch: a GPU conditional copies its predicate to the host and
+# waits for it, so that the step cannot be queued ahead of the device (on an
+# H200, the switch cost +1.7% of a ResNet-8 step and +6% of a linear model's,
+# more than the rare case's few reductions; benchmarks/results/gpu/).
+BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -327,8 +333,16 @@ def _scale_by_aalig(
       del batch, grads32
       return sums
 
-    rare_coef, rare_scale = jax.lax.switch(rare_i, (usual, rare), batch,
-                                           grads32, (loss_sum, aov_sum))
+    def switched(i, *operands):
+      return jax.lax.switch(i, (usual, rare), *operands)
+
+    def direct(i, *operands):
+      del i  # The selects below pick the usual step where it applies.
+      return rare(*operands)
+
+    rare_coef, rare_scale = jax.lax.platform_dependent(
+        rare_i, batch, grads32, (loss_sum, aov_sum), default=switched,
+        **{platform: direct for platform in BRANCH_FREE_PLATFORMS})
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
     # (The usual case has a finite gap and gradient.)
     skip = rare_case & jnp.isnan(rare_coef)
@@ -389,7 +403,7 @@ def _scale_by_aalig(
     # The only O(N) work, run once a section (after resolving the record).
     section_end = ~skip & (count % steps_per_section == 0)
 
-    def rare(s):
+    def resolve_and_end_section(s):
       s = s._replace(last_loss=keep_lowest(s.last_loss))
       # (A skipped batch records nothing, so never comes here: the section
       # ends if the count says so.)
@@ -397,7 +411,8 @@ def _scale_by_aalig(
                           lambda s: _aov.end_section(s, bound, rule),
                           lambda s: s, s)
 
-    new_state = jax.lax.cond(section_end | unresolved, rare, lambda s: s,
+    new_state = jax.lax.cond(section_end | unresolved,
+                             resolve_and_end_section, lambda s: s,
                              new_state)
     return new_updates, new_state, skip, clipped
 

@@ -200,6 +200,56 @@ def test_finite_gradient_with_overflowing_norm_is_a_step(jit):
   np.testing.assert_allclose(np.asarray(updates["b"]), gamma, rtol=1e-5)
 
 
+_RARE_CASES = {
+    "usual": ({"a": jnp.full((3,), 0.5), "b": jnp.array([1.0])},
+              [2.0, 3.0]),
+    "overflowing norm": ({"a": jnp.full((3,), 3e19), "b": jnp.array([1.0])},
+                         [3e38, 3e38]),
+    "overflowing sum": ({"a": jnp.full((3,), 0.5), "b": jnp.array([1.0])},
+                        [3e38, 3e38]),
+    "nan loss": ({"a": jnp.full((3,), 0.5), "b": jnp.array([1.0])},
+                 [1.0, np.nan]),
+    "inf gradient": ({"a": jnp.array([0.5, np.inf, 0.5]),
+                      "b": jnp.array([1.0])}, [2.0, 3.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(_RARE_CASES))
+def test_gpu_branch_free_rare_case_matches_the_switch(case, monkeypatch):
+  """On a GPU the rare case's coefficient is computed at every step, not in
+  a switch (a GPU conditional waits on the host); both give the same bits.
+
+  The GPU's program is run here by counting "cpu" among those platforms.
+  """
+  from aalig_optax import _aalig  # pylint: disable=g-import-not-at-top
+  grads, losses = _RARE_CASES[case]
+  losses = jnp.asarray(losses, jnp.float32)
+
+  def run():
+    tx = aalig(1.0, num_examples=4, steps_per_epoch=10, epochs_per_section=1)
+    params = jax.tree.map(jnp.zeros_like, grads)
+    f = jax.jit(lambda s, g: tx.update(g, s, params, losses=losses,
+                                       indices=jnp.array([0, 1])))
+    lowered = f.trace(tx.init(params), grads).lower()
+    return f(tx.init(params), grads), lowered.as_text().count("stablehlo.case")
+
+  switched, cases = run()
+  monkeypatch.setattr(_aalig, "BRANCH_FREE_PLATFORMS", ("cpu",))
+  branch_free, cases_free = run()
+  assert cases_free == cases - 1
+  chex.assert_trees_all_equal(branch_free, switched)
+
+
+def test_gpu_lowering_has_no_switch_for_the_rare_case():
+  tx = aalig(1.0, num_examples=4, steps_per_epoch=10, epochs_per_section=1)
+  g = {"a": jnp.ones(3)}
+  traced = jax.jit(lambda s: tx.update(
+      g, s, g, losses=jnp.ones(2), indices=jnp.arange(2))).trace(tx.init(g))
+  count = lambda p: traced.lower(lowering_platforms=(p,)).as_text().count(
+      "stablehlo.case")
+  assert count("cuda") == count("rocm") == count("cpu") - 1 == count("tpu") - 1
+
+
 def test_best_epoch_with_losses_near_the_float32_max_still_improves():
   tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=2,
                       epochs_per_section=2, loss_estimate="best_epoch")

@@ -88,6 +88,8 @@ def test_state_with_a_lower_bound_at_or_above_the_new_one_is_accepted():
   _update(tx, state, jnp.ones(2), jnp.ones(2), jnp.arange(2))
 
 
+@pytest.mark.skipif(jax.device_count() < 8,
+                    reason="needs 8 (simulated) devices; see conftest")
 def test_split_tables_under_shard_map_are_refused_in_words():
   n_dev = 8
   mesh = jax.make_mesh((n_dev,), ("data",),

@@ -26,7 +26,9 @@ _LOSS_ESTIMATES = ("last", "best_epoch")
 # than in a switch: a GPU conditional copies its predicate to the host and
 # waits for it, so that the step cannot be queued ahead of the device (on an
 # H200, the switch cost +1.7% of a ResNet-8 step and +6% of a linear model's,
-# more than the rare case's few reductions; benchmarks/results/gpu/).
+# more than the rare case's few reductions; benchmarks/results/gpu/). With a
+# batch split over several GPUs this adds one dependent scalar all-reduce per
+# step (the rescaled gap), not measured against the switch's wait.
 BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
 _F32_MAX = float(np.finfo(np.float32).max)
 

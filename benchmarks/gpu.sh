@@ -12,6 +12,7 @@
 # Each stage has a time limit, so that one slow stage leaves the others their
 # time; a stage that fails is reported and the rest still run. Set TESTS to a
 # pytest selection (e.g. "tests/test_core.py") to also run tests on the GPU.
+# Without a GPU it stops with exit status 2 (ALLOW_CPU=1: run on the CPU).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [BASELINE_CHECKOUT]}
 base=${2:-}
@@ -34,6 +35,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
   --format=csv || true
 "$py" -c "import jax, jaxlib, optax, flax, chex, numpy; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'optax', optax.__version__, 'flax', flax.__version__, 'chex', chex.__version__, 'numpy', numpy.__version__); print(jax.devices())" \
   || exit 1
+
+if [[ -z "${ALLOW_CPU:-}" ]] && ! "$py" -c \
+    "import jax, sys; sys.exit(jax.default_backend() == 'cpu')"; then
+  echo "JAX sees no GPU here (backend cpu): this script is for a GPU. On the" \
+    "CPU, run python -m benchmarks.run --only overhead (ALLOW_CPU=1 runs" \
+    "this script anyway)."
+  exit 2
+fi
 
 lean=(-m benchmarks.lean_step --json "$out/lean_step_b64.json")
 [[ -n "$base" ]] && lean+=(--baseline "$base")

@@ -229,3 +229,37 @@ def test_aov_rules_suite_smoke(tmp_path: pathlib.Path):
   assert (tmp_path / "aov_rules.png").stat().st_size > 10_000
   with pytest.raises(ValueError, match="aov_rule"):
     aov_rules.resolve("nope")
+
+
+def test_gpu_script_refuses_a_machine_without_a_gpu(tmp_path: pathlib.Path):
+  """`bash benchmarks/gpu.sh` on the CPU says what to run instead."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu":
+    pytest.skip("a GPU is visible")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {k: v for k, v in os.environ.items() if k != "ALLOW_CPU"}
+  env.update(PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+  done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"),
+                         str(tmp_path / "out")], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert done.returncode == 2, done.stdout + done.stderr
+  assert "benchmarks.run --only overhead" in done.stdout
+  assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_gpu_probe_smoke(tmp_path: pathlib.Path):
+  """The probe's variants compile and time; the no-cond one has no cond."""
+  probe = pytest.importorskip("benchmarks.gpu_probe")
+  out = probe.main(["--models", "linear", "--rounds", "1", "--variants",
+                    "sgd,aalig,aalig_noswitch,aalig_nocond",
+                    "--json", str(tmp_path / "p.json")])
+  res = out["models"]["linear"]
+  assert res["aalig"]["conditionals"] == 2
+  assert res["aalig_noswitch"]["conditionals"] == 1
+  assert res["aalig_nocond"]["conditionals"] == 0
+  assert all(r["median_s"] > 0 for r in res.values())
+  assert (tmp_path / "p.json").exists()

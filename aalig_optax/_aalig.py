@@ -25,11 +25,16 @@ _LOSS_ESTIMATES = ("last", "best_epoch")
 # Platforms where the rare case's coefficient is computed at every step rather
 # than in a switch: a GPU conditional copies its predicate to the host and
 # waits for it, so that the step cannot be queued ahead of the device (on an
-# H200, the switch cost +1.7% of a ResNet-8 step and +6% of a linear model's,
-# more than the rare case's few reductions; benchmarks/results/gpu/). With a
-# batch split over several GPUs this adds one dependent scalar all-reduce per
-# step (the rescaled gap), not measured against the switch's wait.
+# H200 the switch cost 2% of the step of a linear model and of a 1.8M-parameter
+# MLP, under 1% of ResNet-8's 29 leaves; benchmarks/results/gpu/). The rare
+# case reads every gradient leaf twice more (its largest entry, then the
+# rescaled norm), two kernels a leaf: a wait's fixed cost is cheaper above
+# BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE gradient entries, and
+# there the switch stays. With a batch split over several GPUs the rare case
+# also adds one dependent scalar all-reduce a step (not measured).
 BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
+BRANCH_FREE_MAX_LEAVES = 32
+BRANCH_FREE_MAX_SIZE = 1 << 22
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -342,9 +347,13 @@ def _scale_by_aalig(
       del i  # The selects below pick the usual step where it applies.
       return rare(*operands)
 
+    leaves = jax.tree.leaves(grads32)
+    small = (len(leaves) <= BRANCH_FREE_MAX_LEAVES
+             and sum(g.size for g in leaves) <= BRANCH_FREE_MAX_SIZE)
     rare_coef, rare_scale = jax.lax.platform_dependent(
         rare_i, batch, grads32, (loss_sum, aov_sum), default=switched,
-        **{platform: direct for platform in BRANCH_FREE_PLATFORMS})
+        **{platform: direct for platform in
+           (BRANCH_FREE_PLATFORMS if small else ())})
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
     # (The usual case has a finite gap and gradient.)
     skip = rare_case & jnp.isnan(rare_coef)

@@ -53,7 +53,7 @@ def write_rows(table, write_idx, values):
   `write_idx` and `values` are first replicated on that mesh, wherever they
   were placed (split, replicated, or not placed at all); on a mesh of Auto
   axes they are constrained to be replicated, so that every device reads
-  back every row (each copy of a replicated table is checked whole). A batch
+  every row of the batch back from its own copy of a replicated table. A batch
   of one row gives `unresolved` False (the Python bool).
   """
   values = values.astype(table.dtype)
@@ -109,9 +109,10 @@ def _replicated_on_auto_mesh(table, *rows):
   into a device's own rows only: with a replicated table (one copy per
   device, each written by its own scatter), copies that kept different rows
   of a repeated index would go unseen. Replicated rows are read back whole
-  on every device; the scatter gathers them anyway. No mesh (one device),
-  or Manual axes (shard_map, whose rows `gather` has already collected):
-  `rows` unchanged.
+  on every device; the scatter gathers them anyway. Arrays on no mesh, or
+  on a mesh with any Manual axis (shard_map, whose rows `gather` has
+  already collected, or a partly manual one): `rows` unchanged. (On a
+  one-device mesh the constraint does nothing.)
   """
   auto = getattr(jax.sharding.AxisType, "Auto", None)
   for x in (table,) + rows:

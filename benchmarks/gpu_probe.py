@@ -95,6 +95,8 @@ def bench(model_name, variants, rounds, steps, log=print):
     kernels[v] = {k: summ[k] for k in ("num_kernels", "num_fusions")}
     kernels[v]["conditionals"] = summ["entry_ops"].get("conditional", 0)
     fns[v] = timing.Runner(compiled, (p, r, s), [(x, y, i) for i in idx_all])
+  log(f"  [{model_name}] compiled {len(variants)} variants; timing {rounds} "
+      f"rounds of {steps} steps each")
   for f in fns.values():
     f(3)
   t = timing.interleave(fns, rounds, steps)

@@ -213,6 +213,22 @@ def test_shard_map_matches_single_device(n):
   assert_matches_reference(params, state)
 
 
+@pytest.mark.parametrize("run", ["shard_map", "jit_auto"])
+def test_gpu_branch_free_rare_case_on_several_devices(run, monkeypatch):
+  """The GPU's program (the rare case at every step, its sums reduced over
+  the devices) gives the same bits as the switch on 8 devices."""
+  from aalig_optax import _aalig  # pylint: disable=g-import-not-at-top
+  results = []
+  for platforms in ((), ("cpu", "cuda", "rocm", "tpu")):
+    monkeypatch.setattr(_aalig, "BRANCH_FREE_PLATFORMS", platforms)
+    if run == "shard_map":
+      results.append(jax.device_get(run_shard_map(8)))
+    else:
+      results.append(jax.device_get(run_jit_sharded(8, None, AxisType.Auto)))
+  chex.assert_trees_all_equal(results[1], results[0])
+  assert_matches_reference(*results[1])
+
+
 @pytest.mark.parametrize("n", NUM_DEVICES)
 def test_pmap_matches_single_device_and_replicas_agree(n):
   params, state = run_pmap(n)

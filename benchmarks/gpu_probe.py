@@ -21,6 +21,8 @@ reports those timings too. Results go to ``--json``::
 
   python -m benchmarks.gpu_probe --json gpu_probe.json \
       --child-flags=--xla_gpu_enable_command_buffer=+CONDITIONAL
+  python -m benchmarks.gpu_probe --models resnet --variants sgd,alig,aalig \
+      --rounds 5 --hlo-dir hlo    # the compiled steps, to compare kernels
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _patched(cond=False, switch=False):
     jax.lax.cond, jax.lax.switch = saved
 
 
-def bench(model_name, variants, rounds, steps, log=print):
+def bench(model_name, variants, rounds, steps, log=print, hlo_dir=None):
   batch, n = 128, 50_000
   model = _sources.make_model(model_name, num_classes=10,
                               in_shape=(32, 32, 3), seed=0)
@@ -92,6 +94,11 @@ def bench(model_name, variants, rounds, steps, log=print):
       compiled = overhead.make_train_step(graphdef, tx).lower(
           p, r, s, x, y, idx_all[0]).compile()
     summ = overhead.hlo_summary(compiled)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{model_name}_{v}_step.txt"), "w",
+                encoding="utf-8") as f:
+        f.write(compiled.as_text())
     kernels[v] = {k: summ[k] for k in ("num_kernels", "num_fusions")}
     kernels[v]["conditionals"] = summ["entry_ops"].get("conditional", 0)
     fns[v] = timing.Runner(compiled, (p, r, s), [(x, y, i) for i in idx_all])
@@ -117,6 +124,10 @@ def main(argv=None):
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--rounds", type=int, default=40)
   ap.add_argument("--child-flags", default="")
+  ap.add_argument("--hlo-dir", default=None,
+                  help="write each variant's compiled train step here "
+                  "(<model>_<variant>_step.txt), e.g. to compare the GPU "
+                  "kernels of AALIG's step with SGD's")
   args = ap.parse_args(argv)
   out = {"xla_flags": os.environ.get("XLA_FLAGS", ""),
          "backend": jax.default_backend(),
@@ -126,7 +137,8 @@ def main(argv=None):
   steps = {"linear": 50, "resnet": 10, "mlp": 20}
   for m in args.models.split(","):
     out["models"][m] = bench(m, args.variants.split(","), args.rounds,
-                             steps[m], log=lambda s: print(s, flush=True))
+                             steps[m], log=lambda s: print(s, flush=True),
+                             hlo_dir=args.hlo_dir)
   if args.child_flags:
     env = dict(os.environ, XLA_FLAGS=args.child_flags)
     child = subprocess.run(

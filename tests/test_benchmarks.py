@@ -256,10 +256,13 @@ def test_gpu_probe_smoke(tmp_path: pathlib.Path):
   probe = pytest.importorskip("benchmarks.gpu_probe")
   out = probe.main(["--models", "linear", "--rounds", "1", "--variants",
                     "sgd,aalig,aalig_noswitch,aalig_nocond",
-                    "--json", str(tmp_path / "p.json")])
+                    "--json", str(tmp_path / "p.json"),
+                    "--hlo-dir", str(tmp_path / "hlo")])
   res = out["models"]["linear"]
   assert res["aalig"]["conditionals"] == 2
   assert res["aalig_noswitch"]["conditionals"] == 1
   assert res["aalig_nocond"]["conditionals"] == 0
   assert all(r["median_s"] > 0 for r in res.values())
   assert (tmp_path / "p.json").exists()
+  text = (tmp_path / "hlo" / "linear_aalig_nocond_step.txt").read_text()
+  assert "ENTRY" in text and " conditional(" not in text

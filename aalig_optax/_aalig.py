@@ -24,7 +24,9 @@ from aalig_optax._state import ScaleByAaligState
 _LOSS_ESTIMATES = ("last", "best_epoch")
 # Platforms where the rare case's coefficient is computed at every step rather
 # than in a switch: a GPU conditional copies its predicate to the host and
-# waits for it, so that the step cannot be queued ahead of the device (on an
+# waits for it (XLA's ConditionalThunk, openxla/xla
+# xla/backends/gpu/runtime/conditional_thunk.cc), so that the step cannot be
+# queued ahead of the device (on an
 # H200 the switch cost 2% of the step of a linear model and of a 1.8M-parameter
 # MLP, under 1% of ResNet-8's 29 leaves; benchmarks/results/gpu/). The rare
 # case reads every gradient leaf twice more (its largest entry, then the

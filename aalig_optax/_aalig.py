@@ -26,14 +26,14 @@ _LOSS_ESTIMATES = ("last", "best_epoch")
 # than in a switch: a GPU conditional copies its predicate to the host and
 # waits for it (XLA's ConditionalThunk, openxla/xla
 # xla/backends/gpu/runtime/conditional_thunk.cc), so that the step cannot be
-# queued ahead of the device (on an
-# H200 the switch cost 2% of the step of a linear model and of a 1.8M-parameter
-# MLP, under 1% of ResNet-8's 29 leaves; benchmarks/results/gpu/). The rare
-# case reads every gradient leaf twice more (its largest entry, then the
-# rescaled norm), two kernels a leaf: a wait's fixed cost is cheaper above
-# BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE gradient entries, and
-# there the switch stays. With a batch split over several GPUs the rare case
-# also adds one dependent scalar all-reduce a step (not measured).
+# queued ahead of the device (on an H200 the switch cost 2% of the step of a
+# linear model and of a 1.8M-parameter MLP, under 1% of ResNet-8's, which has
+# 29 leaves; benchmarks/results/gpu/). The rare case reads every gradient leaf
+# twice more (its largest entry, then the rescaled norm), two kernels a leaf:
+# above BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE gradient entries
+# a wait's fixed cost is the cheaper, and the switch stays. With a batch split
+# over several GPUs the rare case also adds one dependent scalar all-reduce a
+# step (not measured).
 BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
 BRANCH_FREE_MAX_LEAVES = 32
 BRANCH_FREE_MAX_SIZE = 1 << 22

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from examples.common import data as data_lib
+from examples.common import libsvm
 from examples.common import images
 from examples.common import models as models_lib
 from examples.common import optimizers
@@ -137,17 +138,17 @@ def _rbf_sls_data(name: str):
   """The sls code's RBF data: the exact kernel, its unshuffled 80/20 split.
 
   Training set: the file's first 80% (mushrooms 6,499, ijcnn1.tr 28,000;
-  see :func:`examples.common.data.load_libsvm_sls`, including the offline
+  see :func:`examples.common.libsvm.load_libsvm_sls`, including the offline
   assumption that ijcnn1.tr is the first 35,000 rows of LIBSVM's combined
   ijcnn1 file), featurised by the exact kernel against all of itself. The
   sls validation set (the last 20%) is cut in two, in file order: its first
   half is this benchmark's validation set (step-size selection), its second
   half the held-out test set.
   """
-  raw = data_lib.load_libsvm_sls(name)
+  raw = libsvm.load_libsvm_sls(name)
   sigma = problems.RBF_SIGMAS[name]
-  k_tr = data_lib.rbf_kernel(raw.x_train, raw.x_train, sigma, same=True)
-  k_rest = data_lib.rbf_kernel(raw.x_test, raw.x_train, sigma)
+  k_tr = libsvm.rbf_kernel(raw.x_train, raw.x_train, sigma, same=True)
+  k_rest = libsvm.rbf_kernel(raw.x_test, raw.x_train, sigma)
   half = len(raw.y_test) // 2
   return dict(x_train=k_tr, y_train=raw.y_train,
               x_val=k_rest[:half], y_val=raw.y_test[:half],

@@ -8,7 +8,7 @@ AALIG paper Sec. 5.1, in the settings of Vaswani et al.'s code
   {0, 1} by ``np.unique``, split by sklearn's ``train_test_split(test_size=
   0.2, shuffle=False)``: the file's first 80% train, last 20% validation
   (mushrooms 6,499 / 1,625; ijcnn1 28,000 / 7,000), the same for every run
-  (:func:`examples.common.data.load_libsvm_sls`). Offline, ijcnn1.tr is
+  (:func:`examples.common.libsvm.load_libsvm_sls`). Offline, ijcnn1.tr is
   taken as the first 35,000 rows of LIBSVM's combined ``ijcnn1`` file
   (49,990 rows): an ASSUMPTION that matches the published sizes, not
   checked offline; online, LIBSVM's own ``ijcnn1.tr.bz2`` is downloaded;
@@ -74,6 +74,7 @@ from flax import nnx
 
 from examples.common import cli
 from examples.common import data as data_lib
+from examples.common import libsvm
 from examples.common import loop
 from examples.common import models
 from examples.common import optimizers
@@ -151,16 +152,16 @@ def load_kernel_data(name: str, num_centres: int = 0, seed: int = 0,
     max_train: keep the first this many training points (quick runs; the
       kernel is then against them only).
   """
-  raw = data_lib.load_libsvm_sls(name)
+  raw = libsvm.load_libsvm_sls(name)
   x_tr, y_tr = raw.x_train[:max_train], raw.y_train[:max_train]
   sigma = SIGMAS[name]
   if num_centres:
     centres = problems.rbf_centres(x_tr, num_centres, seed)
-    k_tr = data_lib.rbf_kernel(x_tr, centres, sigma)
+    k_tr = libsvm.rbf_kernel(x_tr, centres, sigma)
   else:
     centres = x_tr
-    k_tr = data_lib.rbf_kernel(x_tr, x_tr, sigma, same=True)
-  k_va = data_lib.rbf_kernel(raw.x_test, centres, sigma)
+    k_tr = libsvm.rbf_kernel(x_tr, x_tr, sigma, same=True)
+  k_va = libsvm.rbf_kernel(raw.x_test, centres, sigma)
   return KernelData(name, k_tr, y_tr, k_va, raw.y_test)
 
 

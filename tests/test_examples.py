@@ -23,6 +23,7 @@ pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
+from examples.common import libsvm  # noqa: E402
 from examples.common import images  # noqa: E402
 from examples.common import loop  # noqa: E402
 from examples.common import models  # noqa: E402
@@ -63,11 +64,11 @@ def test_load_svmlight_plain_and_bz2(tmp_path):
   (tmp_path / "a.txt").write_bytes(text)
   (tmp_path / "a.bz2").write_bytes(bz2.compress(text))
   for name in ("a.txt", "a.bz2"):
-    x, y = data_lib.load_svmlight(tmp_path / name)
+    x, y = libsvm.load_svmlight(tmp_path / name)
     np.testing.assert_array_equal(y, [1, -1, 1])
     np.testing.assert_array_equal(
         x, [[0.5, 0, 2], [0, 1, 0], [0, 0, -1]])
-  x, _ = data_lib.load_svmlight(text, num_features=5)
+  x, _ = libsvm.load_svmlight(text, num_features=5)
   assert x.shape == (3, 5)
 
 

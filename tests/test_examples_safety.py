@@ -31,6 +31,7 @@ pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
+from examples.common import libsvm  # noqa: E402
 from examples.common import download  # noqa: E402
 from examples.common import images  # noqa: E402
 from examples.common import loop  # noqa: E402
@@ -199,9 +200,9 @@ def test_repo_digests_match_the_shared_files():
 def test_network_failure_names_file_url_and_data_dir(offline):
   data_dir, cache, calls = offline
   with pytest.raises(download.DataUnavailableError) as err:
-    data_lib.load_libsvm("mushrooms")
+    libsvm.load_libsvm("mushrooms")
   msg = str(err.value)
-  url = data_lib.LIBSVM_URL + "mushrooms"
+  url = libsvm.LIBSVM_URL + "mushrooms"
   assert calls == [url]
   assert url in msg and "AALIG_DATA_DIR" in msg and "mushrooms" in msg
   assert "Temporary failure in name resolution" in msg
@@ -217,7 +218,7 @@ def test_truncated_download_is_rejected_and_nothing_cached(offline,
                       _sha(FAKE_MUSHROOMS))
   _serve(monkeypatch, {"/mushrooms": FAKE_MUSHROOMS[:-7]})  # Truncated.
   with pytest.raises(download.DataUnavailableError) as err:
-    data_lib.load_libsvm("mushrooms")
+    libsvm.load_libsvm("mushrooms")
   msg = str(err.value)
   assert _sha(FAKE_MUSHROOMS[:-7]) in msg and _sha(FAKE_MUSHROOMS) in msg
   assert "AALIG_DATA_DIR" in msg
@@ -230,7 +231,7 @@ def test_unpinned_download_is_checked_by_content(offline, monkeypatch):
   assert download.KNOWN_SHA256.get("mushrooms") is None
   _serve(monkeypatch, {"/mushrooms": FAKE_MUSHROOMS})
   with pytest.raises(download.DataUnavailableError, match="8124"):
-    data_lib.load_libsvm("mushrooms")
+    libsvm.load_libsvm("mushrooms")
   assert not cache.exists() or list(cache.iterdir()) == []
 
 
@@ -240,11 +241,11 @@ def test_good_download_is_verified_renamed_and_reused(offline, monkeypatch):
                       _sha(FAKE_MUSHROOMS))
   calls = []
   _serve(monkeypatch, {"/mushrooms": FAKE_MUSHROOMS}, calls)
-  d = data_lib.load_libsvm("mushrooms", test_fraction=0.4)
+  d = libsvm.load_libsvm("mushrooms", test_fraction=0.4)
   assert d.num_train + len(d.y_test) == 5 and d.x_train.shape[1] == 3
   assert [p.name for p in cache.iterdir()] == ["mushrooms"]
   assert (cache / "mushrooms").read_bytes() == FAKE_MUSHROOMS
-  data_lib.load_libsvm("mushrooms")  # From the verified cache.
+  libsvm.load_libsvm("mushrooms")  # From the verified cache.
   assert len(calls) == 1
 
 
@@ -256,7 +257,7 @@ def test_corrupt_cached_file_is_detected(offline, monkeypatch, capsys):
   bad = b"1 1:1\n2 2"  # A partial download of an earlier version.
   (cache / "mushrooms").write_bytes(bad)
   with pytest.raises(download.DataUnavailableError):
-    data_lib.load_libsvm("mushrooms")  # Offline: it cannot be replaced.
+    libsvm.load_libsvm("mushrooms")  # Offline: it cannot be replaced.
   said = capsys.readouterr()
   said = said.out + said.err
   assert str(cache / "mushrooms") in said
@@ -264,7 +265,7 @@ def test_corrupt_cached_file_is_detected(offline, monkeypatch, capsys):
   assert not (cache / "mushrooms").exists()  # Never used, never kept.
   (cache / "mushrooms").write_bytes(bad)
   _serve(monkeypatch, {"/mushrooms": FAKE_MUSHROOMS})
-  data_lib.load_libsvm("mushrooms")  # Online: downloaded again.
+  libsvm.load_libsvm("mushrooms")  # Online: downloaded again.
   assert (cache / "mushrooms").read_bytes() == FAKE_MUSHROOMS
 
 
@@ -276,7 +277,7 @@ def test_shared_file_with_wrong_digest_is_refused(tmp_path, monkeypatch,
   monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", shared)
   with pytest.raises(download.DataUnavailableError,
                      match=_sha(FAKE_MUSHROOMS)):
-    data_lib.load_libsvm("mushrooms")
+    libsvm.load_libsvm("mushrooms")
 
 
 def test_aalig_data_dir_is_looked_in_first(tmp_path, monkeypatch, offline):

@@ -18,6 +18,7 @@ pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
 from examples.common import data as data_lib  # noqa: E402
+from examples.common import libsvm  # noqa: E402
 from examples.common import loop  # noqa: E402
 from examples.common import optimizers  # noqa: E402
 
@@ -76,18 +77,18 @@ def test_unshuffled_split_is_sklearns(n, n_train):
 
 
 def test_sls_labels():
-  np.testing.assert_array_equal(data_lib.sls_labels(np.array([1., 2, 2, 1])),
+  np.testing.assert_array_equal(libsvm.sls_labels(np.array([1., 2, 2, 1])),
                                 [0, 1, 1, 0])
-  np.testing.assert_array_equal(data_lib.sls_labels(np.array([1., -1, -1])),
+  np.testing.assert_array_equal(libsvm.sls_labels(np.array([1., -1, -1])),
                                 [1, 0, 0])
   with pytest.raises(ValueError):
-    data_lib.sls_labels(np.array([0., 1, 2]))
+    libsvm.sls_labels(np.array([0., 1, 2]))
 
 
 def test_load_libsvm_sls_keeps_file_order(data_dir):
   x, y = _mushroom_like(n=20)
   _write(data_dir, "mushrooms.txt", x, y)
-  d = data_lib.load_libsvm_sls("mushrooms")
+  d = libsvm.load_libsvm_sls("mushrooms")
   assert d.x_train.dtype == np.float64
   assert len(d.y_train) == 16 and len(d.y_test) == 4
   np.testing.assert_array_equal(d.x_train, x[:16, :d.x_train.shape[1]])
@@ -98,19 +99,19 @@ def test_load_libsvm_sls_keeps_file_order(data_dir):
 
 def test_ijcnn1_tr_is_the_first_rows_of_the_combined_file(data_dir,
                                                           monkeypatch):
-  monkeypatch.setattr(data_lib, "IJCNN1_TR_ROWS", 15)
+  monkeypatch.setattr(libsvm, "IJCNN1_TR_ROWS", 15)
   rng = np.random.default_rng(1)
   x = np.round(rng.uniform(-1, 1, (25, 5)), 4)
   y = np.where(rng.random(25) < 0.3, 1, -1)
   _write(data_dir, "ijcnn1.bz2", x, y)
-  d = data_lib.load_libsvm_sls("ijcnn1")
+  d = libsvm.load_libsvm_sls("ijcnn1")
   assert len(d.y_train) == 12 and len(d.y_test) == 3  # 15 rows: 12 / 3.
   np.testing.assert_allclose(d.x_train, x[:12], rtol=1e-6)
   np.testing.assert_allclose(d.x_test, x[12:15], rtol=1e-6)
   np.testing.assert_array_equal(d.y_train, y[:12] == 1)
   # LIBSVM's own ijcnn1.tr, when given, is used whole.
   _write(data_dir, "ijcnn1.tr.bz2", x[5:], y[5:])
-  d = data_lib.load_libsvm_sls("ijcnn1")
+  d = libsvm.load_libsvm_sls("ijcnn1")
   assert len(d.y_train) + len(d.y_test) == 20
   np.testing.assert_allclose(d.x_train[0], x[5], rtol=1e-6)
 
@@ -120,10 +121,10 @@ def test_ijcnn1_tr_is_the_first_rows_of_the_combined_file(data_dir,
                     reason="no offline LIBSVM files")
 def test_real_files_give_the_papers_sizes(monkeypatch):
   monkeypatch.setenv("AALIG_DATA_DIR", str(SHARED))
-  m = data_lib.load_libsvm_sls("mushrooms")
+  m = libsvm.load_libsvm_sls("mushrooms")
   assert (len(m.y_train), len(m.y_test)) == (6499, 1625)
   assert m.x_train.shape[1] == 112
-  i = data_lib.load_libsvm_sls("ijcnn1")
+  i = libsvm.load_libsvm_sls("ijcnn1")
   assert (len(i.y_train), len(i.y_test)) == (28_000, 7_000)
   assert i.x_train.shape[1] == 22
   for d in (m, i):
@@ -143,10 +144,10 @@ def test_rbf_kernel_is_the_formula():
   for sigma in (0.5, 0.05, 2.0):
     direct = np.exp(-((a[:, None] - b[None]) ** 2).sum(-1)
                     / (2 * sigma ** 2))
-    got = data_lib.rbf_kernel(a, b, sigma, chunk=3)
+    got = libsvm.rbf_kernel(a, b, sigma, chunk=3)
     assert got.dtype == np.float32 and got.shape == (7, 5)
     np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-30)
-  k = data_lib.rbf_kernel(a, a, 0.05, same=True, chunk=2)
+  k = libsvm.rbf_kernel(a, a, 0.05, same=True, chunk=2)
   np.testing.assert_array_equal(np.diag(k), 1.0)
   direct = np.exp(-((a[:, None] - a[None]) ** 2).sum(-1) / (2 * 0.05 ** 2))
   np.testing.assert_allclose(k, direct, rtol=1e-5, atol=1e-30)
@@ -178,8 +179,8 @@ def _tiny_data():
   from examples import rbf_kernel
   x, y = _mushroom_like(n=250)
   y = (y == 2).astype(np.float32)
-  k = data_lib.rbf_kernel(x[:200], x[:200], 1.0, same=True)
-  kv = data_lib.rbf_kernel(x[200:], x[:200], 1.0)
+  k = libsvm.rbf_kernel(x[:200], x[:200], 1.0, same=True)
+  kv = libsvm.rbf_kernel(x[200:], x[:200], 1.0)
   return rbf_kernel.KernelData("tiny", k, y[:200], kv, y[200:])
 
 

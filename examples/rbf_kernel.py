@@ -65,24 +65,19 @@ import dataclasses
 import pathlib
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from examples.common import cli
-from examples.common import data as data_lib
-from examples.common import libsvm
 from examples.common import loop
-from examples.common import models
 from examples.common import optimizers
 from examples.common import problems
+from examples.common import rbf
 from examples.common import report
 
-SIGMAS = problems.RBF_SIGMAS
-SECTIONS = 10  # AALIG's K: 35 // 10 = 3 epochs per section.
 
 # The cross-validation grids (powers of ten) of --sweep, per dataset. On
 # mushrooms (cheap) SPS and SGD chose the top of ijcnn1's grid, 1e5, and
@@ -126,81 +121,11 @@ PAPER = Preset(seeds=3, datasets="mushrooms,ijcnn1")
 PRESETS = {"CPU": CPU, "PAPER": PAPER}
 
 
-@dataclasses.dataclass
-class KernelData:
-  """A dataset's kernel features: the sls code's tensors."""
-  name: str
-  x_train: np.ndarray  # [N, M] float32: kernel against the M centres.
-  y_train: np.ndarray  # [N] float32 in {0, 1}.
-  x_val: np.ndarray  # [N_val, M].
-  y_val: np.ndarray
-
-  @property
-  def num_train(self) -> int:
-    return int(self.x_train.shape[0])
-
-
-def load_kernel_data(name: str, num_centres: int = 0, seed: int = 0,
-                     max_train: Optional[int] = None) -> KernelData:
-  """The RBF features of LIBSVM set `name` in the sls code's settings.
-
-  Args:
-    name: ``mushrooms`` or ``ijcnn1``.
-    num_centres: 0 for the exact kernel (every training point a centre);
-      else this many random training points (not the paper's setting).
-    seed: seed of that subset.
-    max_train: keep the first this many training points (quick runs; the
-      kernel is then against them only).
-  """
-  raw = libsvm.load_libsvm_sls(name)
-  x_tr, y_tr = raw.x_train[:max_train], raw.y_train[:max_train]
-  sigma = SIGMAS[name]
-  if num_centres:
-    centres = problems.rbf_centres(x_tr, num_centres, seed)
-    k_tr = libsvm.rbf_kernel(x_tr, centres, sigma)
-  else:
-    centres = x_tr
-    k_tr = libsvm.rbf_kernel(x_tr, x_tr, sigma, same=True)
-  k_va = libsvm.rbf_kernel(raw.x_test, centres, sigma)
-  return KernelData(name, k_tr, y_tr, k_va, raw.y_test)
-
-
-def make_model(num_features: int, rngs: nnx.Rngs) -> nnx.Module:
-  """``nn.Linear(num_features, 1, bias=False)`` with PyTorch's init."""
-  return models.LinearModel(num_features, use_bias=False, rngs=rngs,
-                            kernel_init=models.torch_linear_init)
-
-
-def make_problem(data: KernelData) -> problems.Problem:
-  feats = data_lib.ArrayDataset(data.x_train, data.y_train, data.x_val,
-                                data.y_val, 2, data.name)
-  return problems.Problem(
-      data=feats,
-      make_model=lambda rngs: make_model(data.x_train.shape[1], rngs),
-      per_example_loss=problems.logistic_loss,
-      accuracy=problems.binary_accuracy, name=data.name)
-
-
-def run_context(num_train: int, epochs: int, batch_size: int,
-                steps_per_epoch: Optional[int] = None
-                ) -> optimizers.RunContext:
-  """drop_last batches, K = 10 AALIG sections."""
-  return optimizers.RunContext.create(
-      num_train, batch_size, epochs, sections=SECTIONS,
-      max_steps_per_epoch=steps_per_epoch, drop_remainder=True)
-
-
 # --------------------------------------------------------------------------
 # The sweep: every (step size, seed) of one optimiser in one program.
 
 
-def initial_weights(num_features: int, seed: int) -> np.ndarray:
-  """The weights [M] the model of `seed` starts from (as the loop's runs)."""
-  model = make_model(num_features, nnx.Rngs(seed))
-  return np.asarray(model.linear.kernel[...])[:, 0]
-
-
-def train_grid(data: KernelData, opt: str, lrs: Sequence[float],
+def train_grid(data: rbf.KernelData, opt: str, lrs: Sequence[float],
                seeds: Sequence[int], ctx: optimizers.RunContext, *,
                momentum: float = 0.0, log=None) -> dict:
   """Trains `opt` at every step size in `lrs` from every seed in `seeds`.
@@ -223,7 +148,7 @@ def train_grid(data: KernelData, opt: str, lrs: Sequence[float],
   y_va = jnp.asarray(data.y_val)
   lr_arr = jnp.asarray(lrs, jnp.float32)
   s_n, l_n = len(seeds), len(lrs)
-  w0 = np.stack([initial_weights(m, s) for s in seeds])
+  w0 = np.stack([rbf.initial_weights(m, s) for s in seeds])
   w = jnp.asarray(np.broadcast_to(w0[:, None, :], (s_n, l_n, m)))
   build = lambda lr: optimizers.build(opt, lr, None, ctx, momentum=momentum)
   init = jax.vmap(jax.vmap(lambda w, lr: build(lr).init(w)), (0, None))
@@ -377,11 +302,11 @@ def sweep(args, names, opts) -> list[dict]:
   for name in names:
     t0 = time.time()
     with cli.clear_errors():
-      data = load_kernel_data(name, args.num_centres, args.seed,
+      data = rbf.load_kernel_data(name, args.num_centres, args.seed,
                               args.max_train)
     log(f"{name}: {data.num_train} train x {data.x_train.shape[1]} kernel "
         f"features, {len(data.y_val)} validation ({time.time() - t0:.0f} s)")
-    ctx = run_context(data.num_train, args.epochs, args.batch_size,
+    ctx = rbf.run_context(data.num_train, args.epochs, args.batch_size,
                       args.steps_per_epoch)
     grids, chosen = {}, {}
     for opt in opts:
@@ -468,13 +393,13 @@ def main(argv=None):
   t_start = time.time()
   for name in names:
     with cli.clear_errors():
-      data = load_kernel_data(name, args.num_centres, args.seed,
+      data = rbf.load_kernel_data(name, args.num_centres, args.seed,
                               args.max_train)
     print(f"{name}: {data.num_train} train x {data.x_train.shape[1]} "
-          f"kernel features (sigma={SIGMAS[name]}), {len(data.y_val)} "
+          f"kernel features (sigma={rbf.SIGMAS[name]}), {len(data.y_val)} "
           f"validation", flush=True)
-    problem = make_problem(data)
-    ctx = run_context(data.num_train, args.epochs, args.batch_size,
+    problem = rbf.make_problem(data)
+    ctx = rbf.run_context(data.num_train, args.epochs, args.batch_size,
                       args.steps_per_epoch)
     configs = cli.optimiser_configs(args, TUNED_LRS[name],
                                     common=dict(momentum=args.momentum),

@@ -21,6 +21,7 @@ from examples.common import data as data_lib  # noqa: E402
 from examples.common import libsvm  # noqa: E402
 from examples.common import loop  # noqa: E402
 from examples.common import optimizers  # noqa: E402
+from examples.common import rbf  # noqa: E402
 
 SHARED = pathlib.Path("/work/shared/data")
 
@@ -155,9 +156,8 @@ def test_rbf_kernel_is_the_formula():
 
 def test_model_has_torch_init_and_no_bias():
   from flax import nnx
-  from examples import rbf_kernel
   n = 400
-  m = rbf_kernel.make_model(n, nnx.Rngs(3))
+  m = rbf.make_model(n, nnx.Rngs(3))
   params = nnx.state(m, nnx.Param)
   leaves = [np.asarray(v) for v in __import__("jax").tree.leaves(params)]
   assert len(leaves) == 1  # The kernel only: no bias.
@@ -167,8 +167,8 @@ def test_model_has_torch_init_and_no_bias():
   assert np.abs(w).max() <= bound
   assert np.abs(w).max() > 0.95 * bound
   assert abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound / np.sqrt(3)
-  np.testing.assert_array_equal(rbf_kernel.initial_weights(n, 3), w[:, 0])
-  assert not np.array_equal(rbf_kernel.initial_weights(n, 4), w[:, 0])
+  np.testing.assert_array_equal(rbf.initial_weights(n, 3), w[:, 0])
+  assert not np.array_equal(rbf.initial_weights(n, 4), w[:, 0])
 
 
 # --------------------------------------------------------------------------
@@ -176,25 +176,24 @@ def test_model_has_torch_init_and_no_bias():
 
 
 def _tiny_data():
-  from examples import rbf_kernel
   x, y = _mushroom_like(n=250)
   y = (y == 2).astype(np.float32)
   k = libsvm.rbf_kernel(x[:200], x[:200], 1.0, same=True)
   kv = libsvm.rbf_kernel(x[200:], x[:200], 1.0)
-  return rbf_kernel.KernelData("tiny", k, y[:200], kv, y[200:])
+  return rbf.KernelData("tiny", k, y[:200], kv, y[200:])
 
 
 @pytest.mark.parametrize("opt,lr", [("aalig", 10.0), ("sps", 10.0)])
 def test_sweep_trainer_matches_the_loop(tmp_path, opt, lr):
   from examples import rbf_kernel
   data = _tiny_data()
-  ctx = rbf_kernel.run_context(data.num_train, 4, 32)
+  ctx = rbf.run_context(data.num_train, 4, 32)
   assert ctx.steps_per_epoch == 6  # drop_last: 200 // 32.
   grid = rbf_kernel.train_grid(data, opt, [lr / 10, lr], [0, 1], ctx)
   for j_seed, seed in [(1, 1)]:  # The loop's run of the grid's 2nd seed.
     cfg = optimizers.OptConfig(opt, lr)
     run = loop.Run(tmp_path / f"{opt}{seed}", seed, verbose=False)
-    _, hist = loop.train_supervised(rbf_kernel.make_problem(data), cfg, ctx,
+    _, hist = loop.train_supervised(rbf.make_problem(data), cfg, ctx,
                                     run, eval_train=True)
     np.testing.assert_allclose(
         grid["train_loss"][1:, j_seed, 1], [r["train_loss"] for r in hist],
@@ -257,9 +256,8 @@ def test_benchmark_task_uses_the_exact_data(data_dir):
   np.testing.assert_array_equal(task.data["y_train"], y[:80] == 2)
   np.testing.assert_array_equal(task.data["y_test"], y[90:] == 2)
   np.testing.assert_array_equal(np.diag(task.data["x_train"]), 1.0)
-  from examples import rbf_kernel
   from flax import nnx
   w = np.asarray(task.make_model(5).linear.kernel[...])
-  ref = rbf_kernel.make_model(80, nnx.Rngs(5)).linear.kernel[...]
+  ref = rbf.make_model(80, nnx.Rngs(5)).linear.kernel[...]
   np.testing.assert_array_equal(w, np.asarray(ref))
   assert task.epochs == 35

@@ -15,11 +15,11 @@ import numpy as np
 from flax import nnx
 
 from examples.common import data as data_lib
-from examples.common import libsvm
 from examples.common import images
 from examples.common import models as models_lib
 from examples.common import optimizers
 from examples.common import problems
+from examples.common import rbf
 from examples.common import text as text_lib
 
 QUALITY_OPTS = ("aalig", "alig", "sps", "adam", "sgd_step", "prodigy", "dog",
@@ -145,14 +145,11 @@ def _rbf_sls_data(name: str):
   half is this benchmark's validation set (step-size selection), its second
   half the held-out test set.
   """
-  raw = libsvm.load_libsvm_sls(name)
-  sigma = problems.RBF_SIGMAS[name]
-  k_tr = libsvm.rbf_kernel(raw.x_train, raw.x_train, sigma, same=True)
-  k_rest = libsvm.rbf_kernel(raw.x_test, raw.x_train, sigma)
-  half = len(raw.y_test) // 2
-  return dict(x_train=k_tr, y_train=raw.y_train,
-              x_val=k_rest[:half], y_val=raw.y_test[:half],
-              x_test=k_rest[half:], y_test=raw.y_test[half:])
+  k = rbf.load_kernel_data(name)
+  half = len(k.y_val) // 2
+  return dict(x_train=k.x_train, y_train=k.y_train,
+              x_val=k.x_val[:half], y_val=k.y_val[:half],
+              x_test=k.x_val[half:], y_test=k.y_val[half:])
 
 
 def rbf_task(name: str, scale: str, seeds: int) -> Task:
@@ -173,9 +170,7 @@ def rbf_task(name: str, scale: str, seeds: int) -> Task:
       name=f"rbf_{name}", label=f"RBF kernel, {name}",
       interpolating=name == "mushrooms",
       # nn.Linear(N, 1, bias=False) with PyTorch's initialisation (sls).
-      make_model=lambda seed: models_lib.LinearModel(
-          n, use_bias=False, kernel_init=models_lib.torch_linear_init,
-          rngs=nnx.Rngs(seed)),
+      make_model=lambda seed: rbf.make_model(n, nnx.Rngs(seed)),
       per_example_loss=problems.logistic_loss,
       per_example_metric=problems.binary_accuracy,
       metric="accuracy", higher_is_better=True, data=data, batch_size=100,

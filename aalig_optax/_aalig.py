@@ -19,7 +19,6 @@ from aalig_optax import _tables
 from aalig_optax._state import AaligConfig
 from aalig_optax._state import I32_MAX
 from aalig_optax._state import saturating_add
-from aalig_optax._state import ScaleByAaligState
 
 _LOSS_ESTIMATES = ("last", "best_epoch")
 # Platforms where the rare case's coefficient is computed at every step rather
@@ -242,26 +241,17 @@ def _scale_by_aalig(
     _checks.check_table_memory(
         num_tables * num_examples * table_dtype.itemsize)
     table = lambda v: jnp.full((num_examples,), v, table_dtype)
-    f32 = lambda v: jnp.asarray(v, jnp.float32)
-    zero = lambda: jnp.zeros([], jnp.int32)
-    return ScaleByAaligState(
-        count=zero(),
+    best = dict(epoch_loss_mean=0.0, epoch_loss_count=0.0,
+                best_epoch_mean=jnp.inf) if best_epoch else {}
+    return _state.new_state(
         aov=_initial.initial_table(initial_aov, params, num_examples,
                                    lower_bound, table_max, table_dtype),
         aov_step=table(0.0),
         last_loss=table(jnp.nan),
         best_loss=table(jnp.nan) if best_epoch else None,
-        epoch_loss_mean=f32(0.0) if best_epoch else None,
-        epoch_loss_count=f32(0.0) if best_epoch else None,
-        best_epoch_mean=f32(jnp.inf) if best_epoch else None,
-        step_size=f32(0.0),
-        reached_fraction=f32(jnp.nan),
-        num_sections=zero(),
-        num_invalid=zero(),
-        num_skipped=zero(),
-        num_clipped=zero(),
         config=config,
-    )
+        count=0, num_sections=0, num_invalid=0, num_skipped=0,
+        num_clipped=0, step_size=0.0, reached_fraction=jnp.nan, **best)
 
   def step(updates, state, losses, indices, mask):
     """(update, new state, skip, clipped): the update of one batch."""
@@ -387,16 +377,7 @@ def _scale_by_aalig(
     count = jnp.where(skip, state.count,
                       jnp.where(state.count >= count_period - 1, 0,
                                 state.count + 1))
-    new_state = state._replace(
-        count=count,
-        last_loss=last_loss,
-        step_size=jnp.where(skip, state.step_size, step_size),
-        num_invalid=saturating_add(state.num_invalid, num_invalid),
-        num_skipped=saturating_add(state.num_skipped, skip),
-        # Unchanged, with no op in the program, unless a value was injected.
-        num_clipped=(state.num_clipped if clipped is False else
-                     saturating_add(state.num_clipped, clipped)),
-        config=config)
+    new_state = state._replace(last_loss=last_loss, config=config)
     if best_epoch:
       rec_n = _tables.psum(jnp.sum(record, dtype=jnp.float32), axis_name)
       rec_losses_b = jnp.where(record, losses, 0.0)
@@ -414,19 +395,37 @@ def _scale_by_aalig(
       new_state = jax.lax.cond(~skip & (count % steps_per_epoch == 0),
                                _aov.end_epoch, lambda s: s, new_state)
     # The only O(N) work, run once a section (after resolving the record).
+    # (A skipped batch records nothing and ends no section.)
     section_end = ~skip & (count % steps_per_section == 0)
+
+    # What the section end and the record's rewrite change: the tables, and
+    # scalars (not the packed leaves, which a cond would pass through and
+    # XLA then copy at every step).
+    changed = ("aov", "aov_step", "last_loss", "best_loss", "num_sections",
+               "reached_fraction") + (("best_epoch_mean",) if best_epoch
+                                      else ())
 
     def resolve_and_end_section(s):
       s = s._replace(last_loss=keep_lowest(s.last_loss))
-      # (A skipped batch records nothing, so never comes here: the section
-      # ends if the count says so.)
-      return jax.lax.cond(s.count % steps_per_section == 0,
-                          lambda s: _aov.end_section(s, bound, rule),
-                          lambda s: s, s)
+      s = jax.lax.cond(section_end,
+                       lambda s: _aov.end_section(s, bound, rule),
+                       lambda s: s, s)
+      return {name: getattr(s, name) for name in changed}
 
-    new_state = jax.lax.cond(section_end | unresolved,
-                             resolve_and_end_section, lambda s: s,
-                             new_state)
+    new_state = new_state._replace(**jax.lax.cond(
+        section_end | unresolved, resolve_and_end_section,
+        lambda s: {name: getattr(s, name) for name in changed}, new_state))
+    # The step's counters and step size: one kernel for each packed leaf,
+    # each entry a function of its old value (so written in place).
+    new_state = new_state._replace(
+        count=lambda c: jnp.where(skip, c, jnp.where(c >= count_period - 1,
+                                                     0, c + 1)),
+        step_size=lambda s: jnp.where(skip, s, step_size),
+        num_invalid=lambda c: saturating_add(c, num_invalid),
+        num_skipped=lambda c: saturating_add(c, skip),
+        # Unchanged, with no op in the program, unless a value was injected.
+        **({} if clipped is False else
+           {"num_clipped": lambda c: saturating_add(c, clipped)}))
     return new_updates, new_state, skip, clipped
 
   def update_fn(updates, state, params=None, *, losses=None, indices=None,

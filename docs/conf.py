@@ -65,7 +65,9 @@ autodoc_preserve_defaults = True
 autosummary_generate = False
 # "Extra args of update:" in a docstring: the keyword arguments that an
 # optax ``update`` takes besides (updates, state, params), set out like Args.
-napoleon_custom_sections = [("Extra args of update", "params_style")]
+# "Read by name:": a state's packed scalars, read through properties.
+napoleon_custom_sections = [("Extra args of update", "params_style"),
+                            ("Read by name", "params_style")]
 
 html_theme = "sphinx_book_theme"
 html_title = f"aalig-optax {release}"

@@ -383,12 +383,60 @@ def test_tree_get_finds_tables_inside_any_chain():
                     ao.aalig(0.1, 9, 1, 1))
   state = opt.init({"w": jnp.zeros(2)})
   assert optax.tree_utils.tree_get(state, "aov").shape == (9,)
-  assert optax.tree_utils.tree_get(state, "count").shape == ()
+  # The scalars are packed into two leaves, read by name on the state.
+  counters = optax.tree_utils.tree_get(state, "counters")
+  assert counters.shape == (5,) and counters.dtype == jnp.int32
+  from aalig_optax._state import the_aalig_state
+  assert the_aalig_state(state).count.shape == ()
   metrics = ao.aalig_metrics(state)
   assert set(metrics) == {"step_size", "mean_aov", "mean_gap",
                           "reached_fraction",
                           "sections_done", "num_invalid", "num_skipped",
                           "num_clipped"}
+
+
+@pytest.mark.parametrize("loss_estimate,num_stats",
+                         [("last", 2), ("best_epoch", 5)])
+def test_state_packs_its_scalars_into_two_leaves(loss_estimate, num_stats):
+  """Each leaf costs a train step a buffer in and out (issue 13): the
+  scalars travel as two small arrays and are read and written by name."""
+  state = ao.scale_by_aalig(0.1, 9, 2, 1, loss_estimate=loss_estimate).init(
+      None)
+  tables = 4 if loss_estimate == "best_epoch" else 3
+  assert len(jax.tree.leaves(state)) == tables + 2
+  assert state.counters.shape == (5,) and state.counters.dtype == jnp.int32
+  assert state.stats.shape == (num_stats,)
+  assert state.stats.dtype == jnp.float32
+  assert int(state.count) == 0 and np.isnan(float(state.reached_fraction))
+  assert (state.best_epoch_mean is None) == (loss_estimate == "last")
+  # By name, as a value or as a function of the old value; the rest kept.
+  new = state._replace(num_skipped=3, step_size=lambda s: s + 0.5,
+                       count=lambda c: c + 2)
+  assert (int(new.count), int(new.num_skipped), float(new.step_size)) == (
+      2, 3, 0.5)
+  assert int(new.num_sections) == 0 and np.isnan(float(new.reached_fraction))
+  chex.assert_trees_all_equal(new.aov, state.aov)
+  if loss_estimate == "last":
+    with pytest.raises(ValueError, match="best_epoch_mean"):
+      state._replace(best_epoch_mean=1.0)
+  # A state stacked over replicas (pmap, vmap) reads one value per replica.
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), state, new)
+  np.testing.assert_array_equal(stacked.count, [0, 2])
+  # from_fields rebuilds the state from its scalars by name.
+  names = [n for n in ao.ScaleByAaligState.__dict__
+           if isinstance(getattr(ao.ScaleByAaligState, n), property)
+           and getattr(new, n) is not None]
+  assert len(names) == 5 + num_stats
+  rebuilt = ao.ScaleByAaligState.from_fields(
+      aov=new.aov, aov_step=new.aov_step, last_loss=new.last_loss,
+      best_loss=new.best_loss, config=new.config,
+      **{n: getattr(new, n) for n in names})
+  chex.assert_trees_all_equal(rebuilt, new)
+  with pytest.raises(ValueError, match="missing.*count"):
+    ao.ScaleByAaligState.from_fields(
+        aov=new.aov, aov_step=new.aov_step, last_loss=new.last_loss,
+        best_loss=new.best_loss, config=new.config,
+        **{n: getattr(new, n) for n in names if n != "count"})
 
 
 def test_init_accepts_shape_dtype_struct_params():

@@ -25,9 +25,10 @@ B = 64
 # two-leaf model below: the batch's sums, the overflow cond and its index,
 # the usual step size, the record's rows, scatter and read-back check,
 # the counters, the section-end cond and its index, the momentum buffer of
-# each leaf. (Measured: 15 with jax 0.10.2; 13 with an all-pairs duplicate
-# check, O(B^2), 19 before issue 13's second pass, 43 before its first.)
-MAX_EXTRA_KERNELS = 16
+# each leaf. (Measured with jax 0.10.2: 12 since the state's scalars are
+# packed into two leaves, 15 before; 19 before issue 13's second pass, 43
+# before its first.)
+MAX_EXTRA_KERNELS = 14
 
 
 def _params(width=100):

@@ -43,7 +43,7 @@ LOWER = 0.0
 # counts it in `num_skipped`), or lets its step size become NaN so that
 # `optax.apply_if_finite` rejects it. The reference follows whichever the
 # state type documents.
-SKIPS = "num_skipped" in aalig_optax.ScaleByAaligState._fields
+SKIPS = hasattr(aalig_optax.ScaleByAaligState, "num_skipped")
 
 TABLE_DTYPES = {"float32": np.float32, "float16": np.float16,
                 "bfloat16": ml_dtypes.bfloat16}

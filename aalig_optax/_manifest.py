@@ -130,6 +130,16 @@ def compare(found: dict[str, _Spec], expected: dict[str, _Spec], what: str):
   for path in sorted(found.keys() & expected.keys()):
     if not _fits(found[path], expected[path]):
       problems.append(_describe(path, found[path], expected[path], what))
+  old = {p.rsplit("/", 1)[0] for p in found.keys() - expected.keys()
+         if p.rsplit("/", 1)[-1] in ("count", "num_sections")}
+  if any(p.rsplit("/", 1)[0] in old and p.endswith("/counters")
+         for p in expected.keys() - found.keys()):
+    problems.append(
+        f"the {what} holds an AALIG state of aalig-optax 0.1.0's layout, with "
+        "one leaf per scalar; the state now packs them into `counters` and "
+        "`stats` (docs/algorithm.md, \"The state\"): restore it with the "
+        "version that wrote it, or rebuild the state from its leaves with "
+        "aalig_optax.ScaleByAaligState.from_fields")
   return problems
 
 

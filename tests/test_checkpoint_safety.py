@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from aalig_optax import aalig
 from aalig_optax import restore_state
 from aalig_optax import save_state
 from aalig_optax import scale_by_aalig
+from aalig_optax import ScaleByAaligState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKSUMS = "aalig_checksums.json"
@@ -393,3 +395,44 @@ def test_checkpoint_without_schedule_is_accepted_with_a_warning(ckpt,
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
     restore_state(tmp_path / "plain_params", params, verify_checksums=False)
+
+
+class _StateOf010(NamedTuple):
+  """AALIG's state as aalig-optax 0.1.0 saved it: one leaf per scalar."""
+  count: jax.Array
+  aov: jax.Array
+  aov_step: jax.Array
+  last_loss: jax.Array
+  best_loss: None
+  epoch_loss_mean: None
+  epoch_loss_count: None
+  best_epoch_mean: None
+  step_size: jax.Array
+  reached_fraction: jax.Array
+  num_sections: jax.Array
+  num_invalid: jax.Array
+  num_skipped: jax.Array
+  num_clipped: jax.Array
+
+
+def test_checkpoint_of_the_old_layout_is_refused_with_the_way_out(tmp_path):
+  opt = _opt()
+  new = _state_tree(opt)
+  core = new["opt_state"][0]
+  scalars = {n: getattr(core, n) for n in _StateOf010._fields
+             if n not in ("aov", "aov_step", "last_loss") and
+             getattr(core, n, None) is not None}
+  old = _StateOf010(aov=core.aov, aov_step=core.aov_step,
+                    last_loss=core.last_loss, best_loss=None,
+                    epoch_loss_mean=None, epoch_loss_count=None,
+                    best_epoch_mean=None, **scalars)
+  save_state(tmp_path / "old", {"params": new["params"],
+                                "opt_state": (old,) + new["opt_state"][1:]})
+  with pytest.raises(ValueError) as e:
+    restore_state(tmp_path / "old", _like(opt))
+  assert "0.1.0" in str(e.value) and "from_fields" in str(e.value)
+  # The way out that the message names gives back the state it was.
+  rebuilt = ScaleByAaligState.from_fields(
+      aov=old.aov, aov_step=old.aov_step, last_loss=old.last_loss,
+      config=core.config, **scalars)
+  assert _same(rebuilt, core)

@@ -201,6 +201,9 @@ def main(argv=None):
   ap.add_argument("--n-big", type=int, default=10**7)
   ap.add_argument("--batch", type=int, default=B,
                   help="rows a batch (the issue's tiny model: 64)")
+  ap.add_argument("--indices", choices=("epoch", "random"), default="epoch",
+                  help="a batch's indices: distinct, as in an epoch of "
+                  "shuffled data (default), or drawn with replacement")
   ap.add_argument("--json", default=None)
   ap.add_argument("--baseline", default=None,
                   help="root of another checkout to compare with")
@@ -226,8 +229,15 @@ def main(argv=None):
   ys = jnp.asarray(rng.integers(0, D_OUT, (16, B)), jnp.int32)
   table_n = {k: (args.n_big if k.endswith(f"N{args.n_big:.0e}") else n_small)
              for k in txs}
-  idx = {k: jnp.asarray(rng.integers(0, table_n[k], (16, B)), jnp.int32)
-         for k in txs}
+  if args.indices == "epoch":
+    # As an epoch of shuffled data gives them: no index twice in a batch.
+    draw = lambda n: np.stack([rng.choice(n, B, replace=False)
+                               for _ in range(16)])
+  else:
+    # With replacement: repeated indices with different losses, which the
+    # record resolves in its rarely taken branch (taken at most steps here).
+    draw = lambda n: rng.integers(0, n, (16, B))
+  idx = {k: jnp.asarray(draw(table_n[k]), jnp.int32) for k in txs}
   res = {"hlo_opt_part": {}, "hlo_step": {}, "compile_ratio_to_sgd": {}}
 
   # 1. HLO of the optimiser part and of the whole step (deterministic).
@@ -305,7 +315,8 @@ def main(argv=None):
             f"{res[name]['vs_base_aalig_small_n'][bbig]['paired']:.3f}",
             flush=True)
   res["environment"] = dict(
-      batch=B, jax=jax.__version__, optax=optax.__version__,
+      batch=B, indices=args.indices, jax=jax.__version__,
+      optax=optax.__version__,
       backend=jax.default_backend(), nproc=os.cpu_count(),
       load_avg=os.getloadavg(), date_utc=time.strftime("%Y-%m-%d %H:%M:%S",
                                                        time.gmtime()))

@@ -81,6 +81,14 @@ def make_train_step(graphdef, tx):
 
 
 _OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
+# Written inside tuple shapes of more than five elements.
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
+
+
+def opcode(line: str) -> str | None:
+  """The opcode of an HLO instruction line (`%x = <shape> <opcode>(...`)."""
+  m = _OP_RE.search(_INDEX_COMMENT.sub("", line))
+  return m.group(1) if m else None
 
 
 _COPY_RE = re.compile(
@@ -115,10 +123,10 @@ def hlo_summary(compiled) -> dict[str, Any]:
     if in_entry:
       if line.startswith("}"):
         break
-      m = _OP_RE.search(line)
-      if m:
-        entry[m.group(1)] += 1
-        if m.group(1) == "copy":
+      op = opcode(line)
+      if op:
+        entry[op] += 1
+        if op == "copy":
           copies.append(_copy_info(line))
   skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
   kernels = {k: v for k, v in sorted(entry.items()) if k not in skip}

@@ -32,8 +32,10 @@ def assert_no_table_traffic(text: str, table_sizes, local_rows: int) -> None:
   assert not copies, copies[:3]
 
 
-# An instruction's opcode in HLO text: `%name = <shape> <opcode>(`.
+# An instruction's opcode in HLO text: `%name = <shape> <opcode>(`, once
+# the `/*index=5*/` comments of long tuple shapes are dropped.
 _OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 # Instructions that launch no kernel.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
@@ -54,7 +56,7 @@ def entry_kernels(text: str) -> dict[str, int]:
     if in_entry:
       if line.startswith("}"):
         break
-      m = _OPCODE.search(line)
+      m = _OPCODE.search(_INDEX_COMMENT.sub("", line))
       if m and m.group(1) not in _FREE:
         counts[m.group(1)] = counts.get(m.group(1), 0) + 1
   return counts

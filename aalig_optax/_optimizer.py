@@ -125,8 +125,9 @@ def aalig(
     if bad is not False:  # Only where a value was injected.
       if core_clipped is not False:
         bad = bad & ~core_clipped
-      new_core = new_core._replace(num_clipped=saturating_add(
-          new_core.num_clipped, bad))
+      # As a function of the old count: written in place (see _state).
+      new_core = new_core._replace(
+          num_clipped=lambda c: saturating_add(c, bad))
     # A batch the core skipped must move nothing. The core's update is then
     # zero, so a decay of 1 keeps the momentum buffer as it was; arithmetic,
     # not a select between old and new buffers, which would make XLA copy

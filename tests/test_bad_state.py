@@ -264,6 +264,41 @@ def test_gpu_lowering_has_no_switch_for_the_rare_case(leaves, size,
   assert count("cpu") == count("tpu") == gpu + (0 if switch_kept else 1)
 
 
+_SKIPPED = ("nan loss", "inf gradient")
+
+
+@pytest.mark.parametrize("section_end", [False, True])
+@pytest.mark.parametrize("case", list(_RARE_CASES))
+def test_rare_case_batch_is_recorded_unless_skipped(case, section_end):
+  """A batch in the rare case (an overflow, a non-finite loss or gradient):
+  a skipped batch records nothing and ends no section; any other is
+  recorded like a usual one (each index its lowest loss), and a section
+  that ends with it sees its losses."""
+  grads, losses = _RARE_CASES[case]
+  # Index 2 twice, with different losses: the lowest is kept.
+  losses = jnp.asarray(losses + [5.0, 4.0], jnp.float32)
+  indices = jnp.array([0, 1, 2, 2])
+  tx = aalig(1.0, num_examples=4, steps_per_epoch=1 if section_end else 10,
+             epochs_per_section=1)
+  params = jax.tree.map(jnp.zeros_like, grads)
+  updates, (core, _) = jax.jit(lambda s, g: tx.update(
+      g, s, params, losses=losses, indices=indices))(tx.init(params), grads)
+  skipped = case in _SKIPPED
+  assert int(core.num_skipped) == int(skipped)
+  assert int(core.count) == int(not skipped)
+  assert int(core.num_sections) == int(section_end and not skipped)
+  last = np.asarray(core.last_loss)
+  if skipped:
+    assert np.all(np.isnan(last))
+    assert not any(np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  else:
+    np.testing.assert_array_equal(last, np.float32(
+        [losses[0], losses[1], 4.0, np.nan]))
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    # The section end saw the recorded losses: their AOVs moved.
+    assert np.any(np.asarray(core.aov)[:3] != 0.0) == section_end
+
+
 def test_best_epoch_with_losses_near_the_float32_max_still_improves():
   tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=2,
                       epochs_per_section=2, loss_estimate="best_epoch")

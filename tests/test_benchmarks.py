@@ -266,3 +266,28 @@ def test_gpu_probe_smoke(tmp_path: pathlib.Path):
   assert (tmp_path / "p.json").exists()
   text = (tmp_path / "hlo" / "linear_aalig_nocond_step.txt").read_text()
   assert "ENTRY" in text and " conditional(" not in text
+
+
+def test_lean_step_smoke(tmp_path: pathlib.Path):
+  """Issue 13's step benchmark end to end, in a few steps: every optimiser
+  (the baseline tree included) is compiled, counted and timed, and the
+  record says how the indices were drawn."""
+  from benchmarks import lean_step
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = tmp_path / "lean.json"
+  lean_step.main(["--rounds", "2", "--steps", "2", "--compile-reps", "1",
+                  "--n-big", "5000", "--indices", "random", "--baseline",
+                  str(root), "--json", str(out)])
+  res = json.loads(out.read_text())
+  names = {"sgd", "polyak_sgd", "polyak_nesterov", "aalig_N1e+03",
+           "aalig_N5e+03", "base_aalig_N1e+03", "base_aalig_N5e+03"}
+  assert set(res["hlo_opt_part"]) == names
+  assert set(res["step"]["vs_polyak_nesterov"]) == names
+  hlo = res["hlo_opt_part"]
+  # The tables' size changes no temporary buffer, and nothing is copied.
+  assert hlo["aalig_N1e+03"]["temp_bytes"] == hlo["aalig_N5e+03"]["temp_bytes"]
+  assert hlo["aalig_N1e+03"]["copies"] == 0
+  assert hlo["aalig_N1e+03"] == hlo["base_aalig_N1e+03"]
+  assert hlo["polyak_nesterov"]["kernels"] > hlo["polyak_sgd"]["kernels"]
+  assert res["environment"]["indices"] == "random"
+  assert all(r["median_us"] > 0 for r in res["opt_part"]["vs_sgd"].values())

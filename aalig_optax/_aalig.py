@@ -374,9 +374,8 @@ def _scale_by_aalig(
       last_loss, unresolved, keep_lowest = _tables.write_rows(
           state.last_loss, write_idx, rec_losses)
 
-    count = jnp.where(skip, state.count,
-                      jnp.where(state.count >= count_period - 1, 0,
-                                state.count + 1))
+    next_count = lambda c: jnp.where(c >= count_period - 1, 0, c + 1)
+    count = jnp.where(skip, state.count, next_count(state.count))
     new_state = state._replace(last_loss=last_loss, config=config)
     if best_epoch:
       rec_n = _tables.psum(jnp.sum(record, dtype=jnp.float32), axis_name)
@@ -418,8 +417,7 @@ def _scale_by_aalig(
     # The step's counters and step size: one kernel for each packed leaf,
     # each entry a function of its old value (so written in place).
     new_state = new_state._replace(
-        count=lambda c: jnp.where(skip, c, jnp.where(c >= count_period - 1,
-                                                     0, c + 1)),
+        count=lambda c: jnp.where(skip, c, next_count(c)),
         step_size=lambda s: jnp.where(skip, s, step_size),
         num_invalid=lambda c: saturating_add(c, num_invalid),
         num_skipped=lambda c: saturating_add(c, skip),

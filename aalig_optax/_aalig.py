@@ -403,17 +403,18 @@ def _scale_by_aalig(
     changed = ("aov", "aov_step", "last_loss", "best_loss", "num_sections",
                "reached_fraction") + (("best_epoch_mean",) if best_epoch
                                       else ())
+    changes = lambda s: {name: getattr(s, name) for name in changed}
 
     def resolve_and_end_section(s):
       s = s._replace(last_loss=keep_lowest(s.last_loss))
       s = jax.lax.cond(section_end,
                        lambda s: _aov.end_section(s, bound, rule),
                        lambda s: s, s)
-      return {name: getattr(s, name) for name in changed}
+      return changes(s)
 
     new_state = new_state._replace(**jax.lax.cond(
-        section_end | unresolved, resolve_and_end_section,
-        lambda s: {name: getattr(s, name) for name in changed}, new_state))
+        section_end | unresolved, resolve_and_end_section, changes,
+        new_state))
     # The step's counters and step size: one kernel for each packed leaf,
     # each entry a function of its old value (so written in place).
     new_state = new_state._replace(

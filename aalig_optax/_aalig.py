@@ -21,21 +21,24 @@ from aalig_optax._state import I32_MAX
 from aalig_optax._state import saturating_add
 
 _LOSS_ESTIMATES = ("last", "best_epoch")
-# Platforms where the rare case's coefficient is computed at every step rather
-# than in a switch: a GPU conditional copies its predicate to the host and
-# waits for it (XLA's ConditionalThunk, openxla/xla
+# Platforms where the rare case's scaled norm of the gradient is computed at
+# every step rather than in a branch: a GPU conditional copies its predicate
+# to the host and waits for it (XLA's ConditionalThunk, openxla/xla
 # xla/backends/gpu/runtime/conditional_thunk.cc), so that the step cannot be
-# queued ahead of the device (on an H200 the switch cost 2% of the step of a
+# queued ahead of the device (on an H200 the branch cost 2% of the step of a
 # linear model and of a 1.8M-parameter MLP, under 1% of ResNet-8's, which has
-# 29 leaves; benchmarks/results/gpu/). The rare case reads every gradient leaf
-# twice more (its largest entry, then the rescaled norm), two kernels a leaf:
-# above BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE gradient entries
-# a wait's fixed cost is the cheaper, and the switch stays. With a batch split
-# over several GPUs the rare case also adds one dependent scalar all-reduce a
-# step (not measured).
+# 29 leaves; benchmarks/results/gpu/). The scaled norm reads every gradient
+# leaf once more: above BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE
+# gradient entries a wait's fixed cost is the cheaper, and the branch stays.
+# (Both limits were set when that case read each leaf twice.) With a batch
+# split over several GPUs it also adds one dependent scalar all-reduce a step
+# (not measured).
 BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
 BRANCH_FREE_MAX_LEAVES = 32
 BRANCH_FREE_MAX_SIZE = 1 << 22
+# The gap is also summed over its rows scaled by 2^-GAP_SHIFT: finite for
+# any finite losses and AOVs in batches of up to 2^39 rows.
+GAP_SHIFT = 40
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -44,14 +47,10 @@ def _batch_mean(total, n):
   return total / jnp.maximum(n, 1.0)
 
 
-def _scaled_mean(values, subtract, n, axis_name):
-  """mean(values - subtract) for masked rows, summed after dividing each term
-  by n: finite where finite values overflow the plain sum."""
-  n1 = jnp.maximum(n, 1.0)
-  scaled = values / n1
-  if subtract is not None:
-    scaled = scaled - subtract / n1
-  return _tables.psum(jnp.sum(scaled), axis_name)
+def _scaled_mean(values, n, axis_name):
+  """mean(values) for masked rows, summed after dividing each term by n:
+  finite where finite values overflow the plain sum."""
+  return _tables.psum(jnp.sum(values / jnp.maximum(n, 1.0)), axis_name)
 
 
 def _overflow_safe_mean(total, values, n, axis_name):
@@ -60,7 +59,7 @@ def _overflow_safe_mean(total, values, n, axis_name):
   dividing each term by n."""
   mean = _batch_mean(total, n)
   return jnp.where(jnp.isfinite(mean), mean,
-                   _scaled_mean(values, None, n, axis_name))
+                   _scaled_mean(values, n, axis_name))
 
 
 def scale_by_aalig(
@@ -273,7 +272,7 @@ def _scale_by_aalig(
       return (in_range, mask & in_range,
               jnp.where(in_range, indices, 0).astype(jnp.int32))
 
-    in_range, valid, _ = rows(indices, mask)
+    in_range, valid, safe_idx = rows(indices, mask)
 
     # Injected (traced) hyperparameters are clipped into their valid range.
     max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
@@ -283,18 +282,19 @@ def _scale_by_aalig(
                                              table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound
 
-    def kept(losses, aov, indices, mask):
-      """The valid rows' losses and AOVs, zero elsewhere."""
-      _, valid, safe_idx = rows(indices, mask)
-      aov_b = _tables.take(aov, safe_idx).astype(jnp.float32)
-      return jnp.where(valid, losses, 0.0), jnp.where(valid, aov_b, 0.0)
-
-    batch = (losses, state.aov, indices, mask)
-    kept_losses, kept_aovs = kept(*batch)
-    # The batch's counts and sums, in one pass over its rows.
-    n, loss_sum, aov_sum, num_invalid = _tables.psum(_tables.batch_sums(
-        valid.astype(jnp.float32), kept_losses, kept_aovs,
-        (mask & ~in_range).astype(jnp.int32)), axis_name)
+    aov_b = _tables.take(state.aov, safe_idx).astype(jnp.float32)
+    kept_losses = jnp.where(valid, losses, 0.0)
+    kept_aovs = jnp.where(valid, aov_b, 0.0)
+    # The batch's counts and sums, in one pass over its rows; the gap's sum
+    # also of the rows scaled by 2^-GAP_SHIFT, for a sum that overflows.
+    # (Behind a barrier: as a constant, XLA may factor it out, l s - a s
+    # into (l - a) s, and l - a can overflow.)
+    shift = jax.lax.optimization_barrier(_alig.pow2(jnp.int32(-GAP_SHIFT)))
+    n, loss_sum, aov_sum, scaled_gap, num_invalid = _tables.psum(
+        _tables.batch_sums(
+            valid.astype(jnp.float32), kept_losses, kept_aovs,
+            kept_losses * shift - kept_aovs * shift,
+            (mask & ~in_range).astype(jnp.int32)), axis_name)
     mean = _batch_mean(loss_sum - aov_sum, n)
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
@@ -308,28 +308,29 @@ def _scale_by_aalig(
                     max_lr), 0.0)
     # The rare case: the mean overflowed (exactly when the sum does: n >= 1
     # in the mean), or ||g||^2 is not finite. An int32 index, read by the
-    # cond and (cheaply recomputed) by the selects below: one kernel.
+    # branch and (cheaply recomputed) by the selects below: one kernel.
     rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(sq_norm),
                        0, 1)
     rare_case = rare_i > 0
 
-    def rare(batch, grads32, sums):
-      # The gap summed again after scaling, and the step size of a scaled
-      # gradient; a batch to skip (a non-finite gap or gradient) gets a NaN
-      # coefficient.
-      del sums
-      mean = _batch_mean(loss_sum - aov_sum, n)
-      scaled = _scaled_mean(*kept(*batch), n, axis_name)
-      gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled), 0.0)
-      coef, scale, _, grads_finite = _alig.checked_step_coefficients(
-          gap, grads32, sq_norm, max_lr, eps_)
-      return (jnp.where(jnp.isfinite(gap) & grads_finite, coef, jnp.nan),
-              scale)
+    def rare(scaled_gap, grads32, sums):
+      # The mean gap from the scaled sum where the plain one overflows, and
+      # the step of a scaled gradient where ||g||^2 does; a batch to skip (a
+      # non-finite gap or gradient) gets a NaN coefficient.
+      mean = _batch_mean(sums[0] - sums[1], n)
+      scaled_mean = _batch_mean(scaled_gap, n) * _alig.pow2(
+          jnp.int32(GAP_SHIFT))
+      gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled_mean),
+                      0.0)
+      coef, scale, finite = _alig.step_coefficients(
+          gap, sq_norm, _alig.scaled_sq_norm(grads32), max_lr, eps_)
+      return jnp.where(jnp.isfinite(gap) & finite, coef, jnp.nan), scale
 
-    def usual(batch, grads32, sums):
-      # Two of the cond's own operands, dead after it, handed back unchanged:
-      # this branch runs no kernel (the selects below ignore its values).
-      del batch, grads32
+    def usual(scaled_gap, grads32, sums):
+      # Two of the branch's own operands, dead after it, handed back
+      # unchanged: this branch runs no kernel (the selects below ignore its
+      # values).
+      del scaled_gap, grads32
       return sums
 
     def switched(i, *operands):
@@ -343,7 +344,7 @@ def _scale_by_aalig(
     small = (len(leaves) <= BRANCH_FREE_MAX_LEAVES
              and sum(g.size for g in leaves) <= BRANCH_FREE_MAX_SIZE)
     rare_coef, rare_scale = jax.lax.platform_dependent(
-        rare_i, batch, grads32, (loss_sum, aov_sum), default=switched,
+        rare_i, scaled_gap, grads32, (loss_sum, aov_sum), default=switched,
         **{platform: direct for platform in
            (BRANCH_FREE_PLATFORMS if small else ())})
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.

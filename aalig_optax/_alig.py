@@ -12,69 +12,74 @@ import optax
 from aalig_optax import _checks
 
 
-def polyak_step_size(gap, sq_norm, max_learning_rate, eps):
-  """clip(gap / (||g||^2 + eps), 0, max_learning_rate), as in optax's SPS+.
+def pow2(e):
+  """2.0**e in float32 for an int32 e in [-126, 127], built from its exponent
+  bits: exact, and a few integer ops (`jnp.ldexp` traces some eighty)."""
+  return jax.lax.bitcast_convert_type(
+      jax.lax.shift_left(e + 127, jnp.int32(23)), jnp.float32)
 
-  Zero where the denominator is at or below machine epsilon, or where `gap`
-  or `sq_norm` is not finite: a non-finite gradient or loss (the callers
-  skip the batch), or a finite gradient whose squared norm overflows, for
-  which :func:`step_coefficients` computes the step on a scaled gradient.
+
+# Where ||g||^2 overflows float32, the step is computed from
+# ||2^-NORM_SHIFT g||^2, which stays finite for any finite g of up to 2^71
+# entries (each term is at most 2^56). The terms it flushes to zero
+# (< 2^-126 each) are then below float32's rounding of it for up to 2^30
+# entries.
+NORM_SHIFT = 100
+
+
+def scaled_sq_norm(grads32):
+  """||2^-NORM_SHIFT g||^2 of a float32 gradient (a power of two: exact)."""
+  # Behind a barrier: as a constant, XLA rewrites (s g)^2 as g^2 s^2, whose
+  # g^2 overflows and s^2 is 0.
+  scale = jax.lax.optimization_barrier(pow2(jnp.int32(-NORM_SHIFT)))
+  return optax.tree.norm(optax.tree.scale(scale, grads32), squared=True)
+
+
+def scaled_sq_norm_if_needed(sq_norm, grads32):
+  """:func:`scaled_sq_norm` where ||g||^2 (`sq_norm`) is not finite, else 0:
+  the gradient is read again only in that rare case (a branch)."""
+  return jax.lax.cond(jnp.isfinite(sq_norm), lambda g: jnp.float32(0),
+                      scaled_sq_norm, grads32)
+
+
+def step_coefficients(gap, sq_norm, scaled_sq_norm, max_learning_rate, eps):
+  """(c, s, finite): the update gamma g of the Polyak step size
+  gamma = clip(gap / (||g||^2 + eps), 0, max_learning_rate), as c (s g).
+
+  Usually s = 1 and c = gamma (zero where ||g||^2 + eps is at or below
+  float32's machine epsilon, as in optax's SPS+). When ||g||^2 overflows
+  float32 though g is finite, s = 2^-e with e = ceil(log2 ||g||) and
+  c = gamma / s: s g has a norm in [1/2, 1], and c (s g) is what the finite
+  maths gives even where gamma itself is below float32's range. Both cases
+  share their ops (one division), with no branch. `finite` says whether g
+  is finite (a finite ||g||^2 means it is; otherwise the scaled sum says).
+
+  Args:
+    gap: the loss gap (finite, or the caller discards c).
+    sq_norm: ||g||^2.
+    scaled_sq_norm: ||2^-NORM_SHIFT g||^2 (:func:`scaled_sq_norm`), used
+      only where `sq_norm` is not finite.
+    max_learning_rate: the step size's upper bound.
+    eps: added to ||g||^2.
   """
-  denom = sq_norm + eps
-  step = jnp.minimum(jnp.maximum(gap, 0.0) / denom, max_learning_rate)
-  ok = jnp.isfinite(gap) & jnp.isfinite(sq_norm)
-  return jnp.where(ok & (denom > jnp.finfo(jnp.float32).eps), step,
-                   0.0).astype(jnp.float32)
-
-
-def step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
-  """(c, s, gamma) such that the update is c * (s * g) and gamma the step size.
-
-  Usually s = 1 and c = gamma. When ||g||^2 overflows float32 though g is
-  finite, g is first scaled by a power of two s = 2^-e that makes its norm
-  representable, and c = gamma / s: the update gamma * g is then what the
-  finite maths gives even where gamma itself is below float32's range.
-  """
-  gamma = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
-
-  def overflowed():
-    top = optax.tree.max(jax.tree.map(jnp.abs, grads32))
-    e = jnp.clip(jnp.ceil(jnp.log2(top)), 0, 126).astype(jnp.int32)
-    s = jnp.ldexp(jnp.float32(1), -e)
-    r = optax.tree.norm(optax.tree.scale(s, grads32), squared=True)
-    # gamma / s = gap s / (r + eps s^2), clipped at max_learning_rate / s.
-    c = (gap * s) / (r + (eps * s) * s)
-    c = jnp.clip(c, 0.0, max_learning_rate * jnp.ldexp(jnp.float32(1), e))
-    return c, s, c * s
-
-  def usual():
-    return gamma, jnp.float32(1), gamma
-
-  return jax.lax.cond(jnp.isinf(sq_norm) & jnp.isfinite(gap), overflowed,
-                      usual)
-
-
-def checked_step_coefficients(gap, grads32, sq_norm, max_learning_rate, eps):
-  """(c, s, gamma, grads_finite): :func:`step_coefficients` and whether g is
-  finite, with both of its cases computed (for a branch taken rarely).
-
-  A finite ||g||^2 means a finite g. Otherwise (inf or NaN) g is finite
-  exactly when max|g| is, which the overflow case computes anyway to scale g.
-  Where g or `gap` is not finite the caller skips the batch and c, s and
-  gamma are not used.
-  """
-  gamma = polyak_step_size(gap, sq_norm, max_learning_rate, eps)
-  top = optax.tree.max(jax.tree.map(jnp.abs, grads32))
-  e = jnp.clip(jnp.ceil(jnp.log2(top)), 0, 126).astype(jnp.int32)
-  s = jnp.ldexp(jnp.float32(1), -e)
-  r = optax.tree.norm(optax.tree.scale(s, grads32), squared=True)
-  # gamma / s = gap s / (r + eps s^2), clipped at max_learning_rate / s.
-  c = (gap * s) / (r + (eps * s) * s)
-  c = jnp.clip(c, 0.0, max_learning_rate * jnp.ldexp(jnp.float32(1), e))
   overflow = ~jnp.isfinite(sq_norm)
-  return (jnp.where(overflow, c, gamma), jnp.where(overflow, s, 1.0),
-          jnp.where(overflow, c * s, gamma),
-          ~overflow | jnp.isfinite(top))
+  # floor(log2 r) from r's exponent bits (r >= 0), then e such that
+  # r 2^(2 NORM_SHIFT - 2e) = ||s g||^2 lies in [1/4, 1); at least 64 where
+  # ||g||^2 overflows, and clipped so that both powers of two stay normal.
+  log_r = jax.lax.shift_right_arithmetic(
+      jax.lax.bitcast_convert_type(scaled_sq_norm, jnp.int32),
+      jnp.int32(23)) - 127
+  e = jnp.clip(NORM_SHIFT + jax.lax.shift_right_arithmetic(
+      log_r + 2, jnp.int32(1)), 64, 126)
+  s = jnp.where(overflow, pow2(-e), 1.0)
+  denom = jnp.where(overflow,
+                    scaled_sq_norm * pow2(2 * NORM_SHIFT - 2 * e)
+                    + (eps * s) * s, sq_norm + eps)
+  c = jnp.minimum(jnp.maximum(gap, 0.0) * s / denom,
+                  max_learning_rate * jnp.where(overflow, pow2(e), 1.0))
+  c = jnp.where(denom > jnp.finfo(jnp.float32).eps, c, 0.0)
+  return c, s, ~overflow | jnp.isfinite(scaled_sq_norm)
+
 
 
 def momentum_or_identity(momentum):
@@ -156,8 +161,12 @@ def scale_by_alig(
     gap = value.astype(jnp.float32) - jnp.asarray(lower_bound, jnp.float32)
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
-    coef, scale, step_size = step_coefficients(gap, grads32, sq_norm,
-                                               max_learning_rate, eps)
+    coef, scale, finite = step_coefficients(
+        gap, sq_norm, scaled_sq_norm_if_needed(sq_norm, grads32),
+        max_learning_rate, eps)
+    # A non-finite loss or gradient gives a zero step.
+    coef = jnp.where(finite & jnp.isfinite(gap), coef, 0.0)
+    step_size = coef * scale
     updates = jax.tree.map(
         lambda g: jnp.where(coef > 0, (g * scale) * coef, 0).astype(g.dtype),
         updates)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import chex
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,109 @@ def test_finite_gradient_with_overflowing_norm_is_a_step(jit):
   np.testing.assert_allclose(np.asarray(updates["b"]), gamma, rtol=1e-5)
 
 
+def test_pow2_is_exact_for_every_normal_exponent():
+  from aalig_optax import _alig  # pylint: disable=g-import-not-at-top
+  e = np.arange(-126, 128)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(_alig.pow2)(jnp.asarray(e, jnp.int32))),
+      np.ldexp(np.float32(1), e).astype(np.float32))
+
+
+def _overflowing_step(g, loss, max_lr=1e30):
+  """AALIG's update and state for gradient `g` (float32) and a batch of two
+  examples of loss `loss`, and the update and step size in float64."""
+  tx = scale_by_aalig(max_lr, num_examples=4, steps_per_epoch=10,
+                      epochs_per_section=1, eps=0.0)
+  updates, state = _update(tx, tx.init(None), {"g": jnp.asarray(g)},
+                           jnp.full((2,), loss, jnp.float32),
+                           jnp.array([0, 1]))
+  g64 = np.asarray(g, np.float64)
+  gamma = min(float(np.float32(loss)) / float(np.sum(g64 * g64)), max_lr)
+  return updates["g"], state, gamma * g64, gamma
+
+
+def _assert_close_where_normal(got, want, rtol=2e-5):
+  # Entries below float32's normal range are flushed to zero.
+  normal = np.abs(want) > 1e-37
+  np.testing.assert_allclose(np.asarray(got)[normal], want[normal], rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (3,), (5000,)])
+def test_overflowing_norm_of_any_leaf_shape_is_a_step(shape):
+  """A one-entry leaf too: XLA rewrote its (s g)^2 as g^2 s^2 (an inf times
+  a 0) when the scale s was a constant, and the step was skipped."""
+  g = np.full(shape, 2.0**70, np.float32)
+  updates, state, want, gamma = _overflowing_step(g, 3 * 2.0**100)
+  assert int(state.num_skipped) == 0
+  _assert_close_where_normal(updates, want)
+  np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3,), (5000,)])
+def test_alig_step_with_an_overflowing_norm(shape):
+  """ALI-G shares the overflow case's maths: gamma * g as float64 has it;
+  a non-finite gradient or loss gives a zero step."""
+  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
+  tx = scale_by_alig(1e30, eps=0.0)
+  g = np.full(shape, 2.0**70, np.float32)
+  step = jax.jit(lambda g, v: tx.update({"g": g}, tx.init(None), None,
+                                        value=v))
+  updates, state = step(jnp.asarray(g), jnp.float32(3 * 2.0**100))
+  gamma = 3 * 2.0**100 / float(np.sum(g.astype(np.float64) ** 2))
+  _assert_close_where_normal(updates["g"], gamma * g.astype(np.float64))
+  np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
+  for bad_g, value in ((np.inf, 1.0), (np.nan, 1.0), (2.0**70, np.nan)):
+    updates, state = step(jnp.full(shape, bad_g, jnp.float32),
+                          jnp.float32(value))
+    np.testing.assert_array_equal(np.asarray(updates["g"]), 0.0)
+    assert float(state.step_size) == 0.0
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    size=st.integers(1, 4096),
+    top=st.floats(64.5, 127.9),  # log2 of the largest entry
+    spread=st.floats(0.0, 80.0),  # the smallest entries are 2^-spread of it
+    gap=st.floats(2.0**-20, 2.0**100),
+    seed=st.integers(0, 2**31 - 1))
+def test_overflowing_norm_step_matches_float64(size, top, spread, gap, seed):
+  """gamma * g where ||g||^2 overflows float32, for gradients from 2^64 up to
+  float32's largest entries (where the scale's exponent is clipped), with
+  entries spread over up to 80 binary orders, against float64. (One leaf
+  shape, zero past `size` entries: one compilation.)"""
+  rng = np.random.default_rng(seed)
+  g = np.zeros(4096, np.float32)
+  g[:size] = np.exp2(top - rng.uniform(0.0, spread, size)) * rng.choice(
+      [-1.0, 1.0], size)
+  g[0] = np.exp2(top)
+  hypothesis.assume(float(np.sum(g.astype(np.float64) ** 2)) > F32_MAX)
+  updates, state, want, gamma = _overflowing_step(g, gap)
+  assert int(state.num_skipped) == 0
+  _assert_close_where_normal(updates, want)
+  if gamma > 1e-37:
+    np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
+
+
+@pytest.mark.parametrize("batch", [2, 4096])
+def test_overflowing_loss_sums_give_the_float64_mean_gap(batch):
+  """Losses and AOVs whose float32 sums overflow, with a finite mean gap: the
+  step size is that gap over ||g||^2, as float64 computes it, at a
+  realistic batch size too."""
+  rng = np.random.default_rng(batch)
+  losses = rng.uniform(2e38, F32_MAX, batch).astype(np.float32)
+  aovs = rng.uniform(0.0, 2e38, batch).astype(np.float32)
+  tx = scale_by_aalig(1e30, num_examples=batch, steps_per_epoch=10,
+                      epochs_per_section=1, eps=0.0,
+                      initial_aov=jnp.asarray(aovs))
+  grads = jnp.full((3,), 1e10)
+  _, state = _update(tx, tx.init(None), grads, jnp.asarray(losses),
+                     jnp.arange(batch))
+  assert int(state.num_skipped) == 0
+  gap = (np.mean(losses.astype(np.float64))
+         - np.mean(aovs.astype(np.float64)))
+  np.testing.assert_allclose(float(state.step_size), gap / 3e20, rtol=1e-6)
+
+
 _RARE_CASES = {
     "usual": ({"a": jnp.full((3,), 0.5), "b": jnp.array([1.0])},
               [2.0, 3.0]),
@@ -250,7 +355,7 @@ def test_gpu_branch_free_rare_case_matches_the_switch(case, monkeypatch):
 def test_gpu_lowering_has_no_switch_for_the_rare_case(leaves, size,
                                                       switch_kept):
   """Only for gradients of few leaves and entries: the rare case reads each
-  leaf twice more, which costs more than the switch's wait on large ones."""
+  leaf once more, which costs more than the switch's wait on large ones."""
   tx = aalig(1.0, num_examples=4, steps_per_epoch=10, epochs_per_section=1)
   g = {f"p{k:02d}": jax.ShapeDtypeStruct((size,), jnp.float32)
        for k in range(leaves)}

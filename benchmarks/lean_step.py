@@ -45,7 +45,6 @@ import optax
 import aalig_optax as ao
 
 B, D_IN, D_OUT = 64, 100, 100
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
 
 
 def params0():
@@ -111,18 +110,8 @@ def opt_part(tx):
 
 def hlo_counts(compiled):
   """Top-level (ENTRY) kernels by opcode, copies, temporary bytes."""
-  from benchmarks.overhead import opcode
-  counts, in_entry = {}, False
-  for line in compiled.as_text().splitlines():
-    if line.startswith("ENTRY"):
-      in_entry = True
-      continue
-    if in_entry:
-      if line.startswith("}"):
-        break
-      op = opcode(line)
-      if op and op not in _FREE:
-        counts[op] = counts.get(op, 0) + 1
+  from benchmarks.hlo import entry_kernels
+  counts = entry_kernels(compiled.as_text())
   return dict(kernels=sum(counts.values()), fusions=counts.get("fusion", 0),
               copies=counts.get("copy", 0), ops=counts,
               temp_bytes=compiled.memory_analysis().temp_size_in_bytes)

@@ -23,7 +23,6 @@ reported against the smallest table's (:func:`table_sweep`).
 
 from __future__ import annotations
 
-import collections
 import re
 import statistics
 import time
@@ -36,6 +35,7 @@ import optax
 from flax import nnx
 
 from benchmarks import _sources
+from benchmarks import hlo
 from benchmarks import timing
 from examples.common import optimizers
 from examples.common import problems
@@ -80,17 +80,6 @@ def make_train_step(graphdef, tx):
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-_OP_RE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
-# Written inside tuple shapes of more than five elements.
-_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
-
-
-def opcode(line: str) -> str | None:
-  """The opcode of an HLO instruction line (`%x = <shape> <opcode>(...`)."""
-  m = _OP_RE.search(_INDEX_COMMENT.sub("", line))
-  return m.group(1) if m else None
-
-
 _COPY_RE = re.compile(
     r"=\s*(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\][^ ]*\s+"
     r"copy\((?P<arg>[^)]*)\)")
@@ -113,23 +102,9 @@ def _copy_info(line: str) -> dict[str, Any]:
 def hlo_summary(compiled) -> dict[str, Any]:
   """Top-level (ENTRY) instructions by opcode, and XLA's cost estimates."""
   text = compiled.as_text()
-  entry = collections.Counter()
-  copies = []
-  in_entry = False
-  for line in text.splitlines():
-    if line.startswith("ENTRY"):
-      in_entry = True
-      continue
-    if in_entry:
-      if line.startswith("}"):
-        break
-      op = opcode(line)
-      if op:
-        entry[op] += 1
-        if op == "copy":
-          copies.append(_copy_info(line))
-  skip = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-  kernels = {k: v for k, v in sorted(entry.items()) if k not in skip}
+  copies = [_copy_info(line) for line in hlo.entry_lines(text)
+            if hlo.opcode(line) == "copy"]
+  kernels = dict(sorted(hlo.entry_kernels(text).items()))
   out = {"entry_ops": kernels, "num_kernels": int(sum(kernels.values())),
          "num_fusions": int(kernels.get("fusion", 0)),
          "copies": copies,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+# Counted as the benchmarks count them.
+from benchmarks.hlo import entry_kernels  # noqa: F401  (re-exported)
+
 _COLLECTIVE = re.compile(
     r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)")
 
@@ -30,36 +33,6 @@ def assert_no_table_traffic(text: str, table_sizes, local_rows: int) -> None:
   copies = [line for line in text.splitlines()
             if re.search(rf"\[{local_rows}\]\S* copy\(", line)]
   assert not copies, copies[:3]
-
-
-# An instruction's opcode in HLO text: `%name = <shape> <opcode>(`, once
-# the `/*index=5*/` comments of long tuple shapes are dropped.
-_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
-_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
-# Instructions that launch no kernel.
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-
-
-def entry_kernels(text: str) -> dict[str, int]:
-  """The ENTRY computation's instructions that do work, counted by opcode.
-
-  Each one is a kernel (a thunk on CPU, a launch on GPU) at every call:
-  fusions, sorts, conditionals, copies... (parameters, constants, tuples,
-  get-tuple-element and bitcasts are free).
-  """
-  counts: dict[str, int] = {}
-  in_entry = False
-  for line in text.splitlines():
-    if line.startswith("ENTRY"):
-      in_entry = True
-      continue
-    if in_entry:
-      if line.startswith("}"):
-        break
-      m = _OPCODE.search(_INDEX_COMMENT.sub("", line))
-      if m and m.group(1) not in _FREE:
-        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-  return counts
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")

@@ -291,3 +291,17 @@ def test_lean_step_smoke(tmp_path: pathlib.Path):
   assert hlo["polyak_nesterov"]["kernels"] > hlo["polyak_sgd"]["kernels"]
   assert res["environment"]["indices"] == "random"
   assert all(r["median_us"] > 0 for r in res["opt_part"]["vs_sgd"].values())
+
+
+def test_hlo_parser_counts_kernels_as_its_docstring_says():
+  """benchmarks.hlo is shared by the reports and the HLO tests: its example
+  runs (benchmarks are outside the doctest paths), and an op with a long
+  tuple output is counted."""
+  import doctest
+  from benchmarks import hlo
+  assert doctest.testmod(hlo).failed == 0
+  line = ("  %c = (f32[], f32[], f32[], f32[], f32[], /*index=5*/f32[]) "
+          "conditional(%p, %a, %b), branch_computations={%x, %y}")
+  assert hlo.opcode(line) == "conditional"
+  text = "HloModule m\n\nENTRY %main {\n" + line + "\n  ROOT %t = () tuple()\n}\n"
+  assert hlo.entry_kernels(text) == {"conditional": 1}

@@ -1,0 +1,60 @@
+"""Reading compiled HLO text: the top-level instructions and their opcodes.
+
+Shared by the benchmarks (kernel counts in their reports) and by the tests
+that check the compiled step (`tests/hlo_checks.py`), so that both count the
+same way. Only the standard library: importing it pulls in no model code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+# An instruction's opcode in HLO text: `%name = <shape> <opcode>(`, once
+# the `/*index=5*/` comments of long tuple shapes are dropped.
+_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
+# Instructions that launch no kernel.
+FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
+                  "bitcast"})
+
+
+def opcode(line: str) -> str | None:
+  """The opcode of an HLO instruction line (`%x = <shape> <opcode>(...`)."""
+  m = _OPCODE.search(_INDEX_COMMENT.sub("", line))
+  return m.group(1) if m else None
+
+
+def entry_lines(text: str) -> Iterator[str]:
+  """The lines of the ENTRY computation's body."""
+  in_entry = False
+  for line in text.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+    elif in_entry:
+      if line.startswith("}"):
+        return
+      yield line
+
+
+def entry_kernels(text: str) -> dict[str, int]:
+  """The ENTRY computation's instructions that do work, counted by opcode.
+
+  Each one is a kernel (a thunk on CPU, a launch on GPU) at every call:
+  fusions, sorts, conditionals, copies... (parameters, constants, tuples,
+  get-tuple-element and bitcasts are free).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> text = jax.jit(lambda x: jnp.sin(x) + 1).lower(
+    ...     jnp.ones(3)).compile().as_text()
+    >>> entry_kernels(text)
+    {'fusion': 1}
+  """
+  counts: dict[str, int] = {}
+  for line in entry_lines(text):
+    op = opcode(line)
+    if op and op not in FREE:
+      counts[op] = counts.get(op, 0) + 1
+  return counts

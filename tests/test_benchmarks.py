@@ -303,5 +303,6 @@ def test_hlo_parser_counts_kernels_as_its_docstring_says():
   line = ("  %c = (f32[], f32[], f32[], f32[], f32[], /*index=5*/f32[]) "
           "conditional(%p, %a, %b), branch_computations={%x, %y}")
   assert hlo.opcode(line) == "conditional"
-  text = "HloModule m\n\nENTRY %main {\n" + line + "\n  ROOT %t = () tuple()\n}\n"
+  text = "\n".join(["HloModule m", "", "ENTRY %main {", line,
+                    "  ROOT %t = () tuple()", "}"])
   assert hlo.entry_kernels(text) == {"conditional": 1}

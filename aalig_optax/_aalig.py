@@ -299,17 +299,17 @@ def _scale_by_aalig(
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
 
-    # The usual case (a finite mean and ||g||^2): polyak_step_size without
-    # its finiteness checks, one scalar kernel; the mean is fused into it.
+    # The usual case (a finite mean and ||g||^2 + eps): step_coefficients'
+    # usual case, one scalar kernel; the mean is fused into it.
     denom = sq_norm + eps_
     usual_step = jnp.where(
         denom > jnp.finfo(jnp.float32).eps,
         jnp.minimum(jnp.maximum(jnp.where(n > 0, mean, 0.0), 0.0) / denom,
                     max_lr), 0.0)
     # The rare case: the mean overflowed (exactly when the sum does: n >= 1
-    # in the mean), or ||g||^2 is not finite. An int32 index, read by the
+    # in the mean), or ||g||^2 + eps is not finite. An int32 index, read by the
     # branch and (cheaply recomputed) by the selects below: one kernel.
-    rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(sq_norm),
+    rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(denom),
                        0, 1)
     rare_case = rare_i > 0
 
@@ -352,7 +352,7 @@ def _scale_by_aalig(
     skip = rare_case & jnp.isnan(rare_coef)
     coef = jnp.where(rare_case, rare_coef, usual_step)
     scale = jnp.where(rare_case, rare_scale, 1.0)
-    # c * s, or gamma * 1 where ||g||^2 did not overflow.
+    # gamma: c * s (s is 1 unless gamma is below float32's normal range).
     step_size = jnp.where(rare_case, rare_coef * rare_scale, usual_step)
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),

@@ -19,7 +19,7 @@ def pow2(e):
       jax.lax.shift_left(e + 127, jnp.int32(23)), jnp.float32)
 
 
-# Where ||g||^2 overflows float32, the step is computed from
+# Where ||g||^2 + eps overflows float32, the step is computed from
 # ||2^-NORM_SHIFT g||^2, which stays finite for any finite g of up to 2^71
 # entries (each term is at most 2^56). The terms it flushes to zero
 # (< 2^-126 each) are then below float32's rounding of it for up to 2^30
@@ -35,10 +35,10 @@ def scaled_sq_norm(grads32):
   return optax.tree.norm(optax.tree.scale(scale, grads32), squared=True)
 
 
-def scaled_sq_norm_if_needed(sq_norm, grads32):
-  """:func:`scaled_sq_norm` where ||g||^2 (`sq_norm`) is not finite, else 0:
-  the gradient is read again only in that rare case (a branch)."""
-  return jax.lax.cond(jnp.isfinite(sq_norm), lambda g: jnp.float32(0),
+def scaled_sq_norm_if_needed(denom, grads32):
+  """:func:`scaled_sq_norm` where ||g||^2 + eps (`denom`) is not finite,
+  else 0: the gradient is read again only in that rare case (a branch)."""
+  return jax.lax.cond(jnp.isfinite(denom), lambda g: jnp.float32(0),
                       scaled_sq_norm, grads32)
 
 
@@ -47,39 +47,46 @@ def step_coefficients(gap, sq_norm, scaled_sq_norm, max_learning_rate, eps):
   gamma = clip(gap / (||g||^2 + eps), 0, max_learning_rate), as c (s g).
 
   Usually s = 1 and c = gamma (zero where ||g||^2 + eps is at or below
-  float32's machine epsilon, as in optax's SPS+). When ||g||^2 overflows
-  float32 though g is finite, s = 2^-e with e = ceil(log2 ||g||) and
-  c = gamma / s: s g has a norm in [1/2, 1], and c (s g) is what the finite
-  maths gives even where gamma itself is below float32's range. Both cases
-  share their ops (one division), with no branch. `finite` says whether g
-  is finite (a finite ||g||^2 means it is; otherwise the scaled sum says).
+  float32's machine epsilon, as in optax's SPS+). When ||g||^2 + eps
+  overflows float32 though g is finite, gamma is computed for s g with
+  s = 2^-e, e = NORM_SHIFT + floor(log2 ||2^-NORM_SHIFT g||^2) / 2 (so
+  ||s g||^2 lies in [1, 4) unless e is clipped): c = gamma / s. Then
+  gap s, and so c, is at least the update's largest entry, so c stays
+  normal wherever the update is. Where gamma itself is a normal number the
+  result is (gamma, 1) again, so that entries of g far below its norm are
+  not scaled out of float32's range. Both cases share their ops (one
+  division), with no branch. `finite` says whether g is finite (a finite
+  ||g||^2 + eps means it is; otherwise the scaled sum says).
 
   Args:
     gap: the loss gap (finite, or the caller discards c).
     sq_norm: ||g||^2.
     scaled_sq_norm: ||2^-NORM_SHIFT g||^2 (:func:`scaled_sq_norm`), used
-      only where `sq_norm` is not finite.
+      only where `sq_norm` + `eps` is not finite.
     max_learning_rate: the step size's upper bound.
-    eps: added to ||g||^2.
+    eps: added to ||g||^2 (at most float32's largest value).
   """
-  overflow = ~jnp.isfinite(sq_norm)
+  usual_denom = sq_norm + eps
+  overflow = ~jnp.isfinite(usual_denom)
   # floor(log2 r) from r's exponent bits (r >= 0), then e such that
-  # r 2^(2 NORM_SHIFT - 2e) = ||s g||^2 lies in [1/4, 1); at least 64 where
+  # r 2^(2 NORM_SHIFT - 2e) = ||s g||^2 lies in [1, 4); at least 64 where
   # ||g||^2 overflows, and clipped so that both powers of two stay normal.
   log_r = jax.lax.shift_right_arithmetic(
       jax.lax.bitcast_convert_type(scaled_sq_norm, jnp.int32),
       jnp.int32(23)) - 127
   e = jnp.clip(NORM_SHIFT + jax.lax.shift_right_arithmetic(
-      log_r + 2, jnp.int32(1)), 64, 126)
+      log_r, jnp.int32(1)), 64, 126)
   s = jnp.where(overflow, pow2(-e), 1.0)
   denom = jnp.where(overflow,
                     scaled_sq_norm * pow2(2 * NORM_SHIFT - 2 * e)
-                    + (eps * s) * s, sq_norm + eps)
+                    + (eps * s) * s, usual_denom)
   c = jnp.minimum(jnp.maximum(gap, 0.0) * s / denom,
                   max_learning_rate * jnp.where(overflow, pow2(e), 1.0))
   c = jnp.where(denom > jnp.finfo(jnp.float32).eps, c, 0.0)
-  return c, s, ~overflow | jnp.isfinite(scaled_sq_norm)
-
+  gamma = c * s
+  normal = gamma >= jnp.finfo(jnp.float32).tiny
+  return (jnp.where(normal, gamma, c), jnp.where(normal, 1.0, s),
+          ~overflow | jnp.isfinite(scaled_sq_norm))
 
 
 def momentum_or_identity(momentum):
@@ -162,7 +169,7 @@ def scale_by_alig(
     grads32 = optax.tree.cast(updates, jnp.float32)
     sq_norm = optax.tree.norm(grads32, squared=True)
     coef, scale, finite = step_coefficients(
-        gap, sq_norm, scaled_sq_norm_if_needed(sq_norm, grads32),
+        gap, sq_norm, scaled_sq_norm_if_needed(sq_norm + eps, grads32),
         max_learning_rate, eps)
     # A non-finite loss or gradient gives a zero step.
     coef = jnp.where(finite & jnp.isfinite(gap), coef, 0.0)

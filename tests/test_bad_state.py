@@ -212,22 +212,23 @@ def test_pow2_is_exact_for_every_normal_exponent():
       np.ldexp(np.float32(1), e).astype(np.float32))
 
 
-def _overflowing_step(g, loss, max_lr=1e30):
+def _overflowing_step(g, loss, max_lr=1e30, eps=0.0):
   """AALIG's update and state for gradient `g` (float32) and a batch of two
   examples of loss `loss`, and the update and step size in float64."""
   tx = scale_by_aalig(max_lr, num_examples=4, steps_per_epoch=10,
-                      epochs_per_section=1, eps=0.0)
+                      epochs_per_section=1, eps=eps)
   updates, state = _update(tx, tx.init(None), {"g": jnp.asarray(g)},
                            jnp.full((2,), loss, jnp.float32),
                            jnp.array([0, 1]))
   g64 = np.asarray(g, np.float64)
-  gamma = min(float(np.float32(loss)) / float(np.sum(g64 * g64)), max_lr)
+  gamma = min(float(np.float32(loss)) / (float(np.sum(g64 * g64))
+                                         + float(np.float32(eps))), max_lr)
   return updates["g"], state, gamma * g64, gamma
 
 
 def _assert_close_where_normal(got, want, rtol=2e-5):
-  # Entries below float32's normal range are flushed to zero.
-  normal = np.abs(want) > 1e-37
+  # Entries below float32's normal range may be flushed to zero.
+  normal = np.abs(want) >= 2.0**-126
   np.testing.assert_allclose(np.asarray(got)[normal], want[normal], rtol=rtol)
 
 
@@ -268,23 +269,84 @@ def test_alig_step_with_an_overflowing_norm(shape):
     top=st.floats(64.5, 127.9),  # log2 of the largest entry
     spread=st.floats(0.0, 80.0),  # the smallest entries are 2^-spread of it
     gap=st.floats(2.0**-20, 2.0**100),
+    eps=st.sampled_from([0.0, 1e-5, 1e38, F32_MAX]),
     seed=st.integers(0, 2**31 - 1))
-def test_overflowing_norm_step_matches_float64(size, top, spread, gap, seed):
-  """gamma * g where ||g||^2 overflows float32, for gradients from 2^64 up to
-  float32's largest entries (where the scale's exponent is clipped), with
-  entries spread over up to 80 binary orders, against float64. (One leaf
-  shape, zero past `size` entries: one compilation.)"""
+def test_overflowing_norm_step_matches_float64(size, top, spread, gap, eps,
+                                               seed):
+  """gamma * g where ||g||^2 + eps overflows float32, for gradients from
+  2^64 up to float32's largest entries (where the scale's exponent is
+  clipped), with entries spread over up to 80 binary orders, against
+  float64. (One leaf shape, zero past `size` entries: one compilation per
+  eps.)"""
   rng = np.random.default_rng(seed)
   g = np.zeros(4096, np.float32)
   g[:size] = np.exp2(top - rng.uniform(0.0, spread, size)) * rng.choice(
       [-1.0, 1.0], size)
   g[0] = np.exp2(top)
   hypothesis.assume(float(np.sum(g.astype(np.float64) ** 2)) > F32_MAX)
-  updates, state, want, gamma = _overflowing_step(g, gap)
+  updates, state, want, gamma = _overflowing_step(g, gap, eps=eps)
   assert int(state.num_skipped) == 0
   _assert_close_where_normal(updates, want)
-  if gamma > 1e-37:
+  if gamma >= 2.0**-126:
     np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
+
+
+def _alig_step(g, value, eps=0.0, max_lr=np.inf):
+  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
+  tx = scale_by_alig(max_lr, eps=eps)
+  updates, state = jax.jit(lambda g, v: tx.update(
+      {"g": g}, tx.init(None), None, value=v))(
+          jnp.asarray(g, jnp.float32), jnp.float32(value))
+  g64 = np.asarray(g, np.float64)
+  gamma = min(float(np.float32(value)) / (float(np.sum(g64 * g64)) + eps),
+              max_lr)
+  return updates["g"], state, gamma * g64
+
+
+# Where ||g||^2 (or ||g||^2 + eps) overflows float32: cases at the edges of
+# float32's range, each against float64. (gradient, loss, eps)
+_OVERFLOW_EDGES = {
+    # The update 2^-125.5 is normal, though its gap * 2^-e is near the
+    # bottom of the range: the scale must not push it below.
+    "update in the lowest binade": ([2.0**70], 2.0**-55.5, 0.0),
+    # Entries far below the largest: gamma * g_i is normal (2^-80) though
+    # the scaled entry 2^-e g_i is not.
+    "small entries beside a large one": ([2.0**70, 2.0**-60], 2.0**120, 0.0),
+    # eps of the size of ||g||^2 changes the step by 1.75x.
+    "eps as large as the norm": ([2e19], 1e30, 3e38),
+    # ||g||^2 is finite, ||g||^2 + eps is not: the step is still gap g over
+    # their (float64) sum, not zero.
+    "norm plus eps overflows": ([1.7e19], 1e30, 3e38),
+}
+
+
+@pytest.mark.parametrize("case", list(_OVERFLOW_EDGES))
+def test_overflow_edges_match_float64(case):
+  g, loss, eps = _OVERFLOW_EDGES[case]
+  updates, state, want = _alig_step(g, loss, eps=eps)
+  assert np.all(want != 0)
+  _assert_close_where_normal(updates, want)
+  # AALIG takes the same step from a batch of that mean gap.
+  tx = scale_by_aalig(np.inf, num_examples=4, steps_per_epoch=10,
+                      epochs_per_section=1, eps=eps)
+  updates, state = _update(tx, tx.init(None), {"g": jnp.asarray(
+      g, jnp.float32)}, jnp.full((2,), loss, jnp.float32), jnp.array([0, 1]))
+  assert int(state.num_skipped) == 0
+  _assert_close_where_normal(updates["g"], want)
+
+
+def test_rows_whose_own_gap_overflows_give_the_float64_mean_gap():
+  """A row whose loss minus AOV overflows float32 (3e38 - (-3e38)) beside a
+  row of gap 0: the mean gap, 3e38, is finite, and each row's gap is summed
+  as l 2^-40 - a 2^-40 (scaling l - a would give inf)."""
+  aovs = np.array([-3e38, 0.0], np.float32)
+  tx = scale_by_aalig(1e30, num_examples=2, steps_per_epoch=10,
+                      epochs_per_section=1, eps=0.0, lower_bound=-3.3e38,
+                      initial_aov=jnp.asarray(aovs))
+  _, state = _update(tx, tx.init(None), jnp.full((3,), 1e10),
+                     jnp.array([3e38, 0.0], jnp.float32), jnp.arange(2))
+  assert int(state.num_skipped) == 0
+  np.testing.assert_allclose(float(state.step_size), 3e38 / 3e20, rtol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [2, 4096])

@@ -243,23 +243,32 @@ def test_overflowing_norm_of_any_leaf_shape_is_a_step(shape):
   np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
 
 
+def _alig_step(g, value, eps=0.0, max_lr=np.inf):
+  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
+  tx = scale_by_alig(max_lr, eps=eps)
+  updates, state = jax.jit(lambda g, v: tx.update(
+      {"g": g}, tx.init(None), None, value=v))(
+          jnp.asarray(g, jnp.float32), jnp.float32(value))
+  g64 = np.asarray(g, np.float64)
+  with np.errstate(invalid="ignore"):  # NaN for a non-finite g or value.
+    gamma = min(float(np.float32(value)) / (float(np.sum(g64 * g64)) + eps),
+                max_lr)
+    return updates["g"], state, gamma * g64
+
+
 @pytest.mark.parametrize("shape", [(1,), (3,), (5000,)])
 def test_alig_step_with_an_overflowing_norm(shape):
   """ALI-G shares the overflow case's maths: gamma * g as float64 has it;
   a non-finite gradient or loss gives a zero step."""
-  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
-  tx = scale_by_alig(1e30, eps=0.0)
   g = np.full(shape, 2.0**70, np.float32)
-  step = jax.jit(lambda g, v: tx.update({"g": g}, tx.init(None), None,
-                                        value=v))
-  updates, state = step(jnp.asarray(g), jnp.float32(3 * 2.0**100))
+  updates, state, want = _alig_step(g, 3 * 2.0**100, max_lr=1e30)
+  _assert_close_where_normal(updates, want)
   gamma = 3 * 2.0**100 / float(np.sum(g.astype(np.float64) ** 2))
-  _assert_close_where_normal(updates["g"], gamma * g.astype(np.float64))
   np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
   for bad_g, value in ((np.inf, 1.0), (np.nan, 1.0), (2.0**70, np.nan)):
-    updates, state = step(jnp.full(shape, bad_g, jnp.float32),
-                          jnp.float32(value))
-    np.testing.assert_array_equal(np.asarray(updates["g"]), 0.0)
+    updates, state, _ = _alig_step(np.full(shape, bad_g, np.float32), value,
+                                   max_lr=1e30)
+    np.testing.assert_array_equal(np.asarray(updates), 0.0)
     assert float(state.step_size) == 0.0
 
 
@@ -291,18 +300,6 @@ def test_overflowing_norm_step_matches_float64(size, top, spread, gap, eps,
     np.testing.assert_allclose(float(state.step_size), gamma, rtol=2e-5)
 
 
-def _alig_step(g, value, eps=0.0, max_lr=np.inf):
-  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
-  tx = scale_by_alig(max_lr, eps=eps)
-  updates, state = jax.jit(lambda g, v: tx.update(
-      {"g": g}, tx.init(None), None, value=v))(
-          jnp.asarray(g, jnp.float32), jnp.float32(value))
-  g64 = np.asarray(g, np.float64)
-  gamma = min(float(np.float32(value)) / (float(np.sum(g64 * g64)) + eps),
-              max_lr)
-  return updates["g"], state, gamma * g64
-
-
 # Where ||g||^2 (or ||g||^2 + eps) overflows float32: cases at the edges of
 # float32's range, each against float64. (gradient, loss, eps)
 _OVERFLOW_EDGES = {
@@ -327,12 +324,10 @@ def test_overflow_edges_match_float64(case):
   assert np.all(want != 0)
   _assert_close_where_normal(updates, want)
   # AALIG takes the same step from a batch of that mean gap.
-  tx = scale_by_aalig(np.inf, num_examples=4, steps_per_epoch=10,
-                      epochs_per_section=1, eps=eps)
-  updates, state = _update(tx, tx.init(None), {"g": jnp.asarray(
-      g, jnp.float32)}, jnp.full((2,), loss, jnp.float32), jnp.array([0, 1]))
+  updates, state, _, _ = _overflowing_step(np.asarray(g, np.float32), loss,
+                                           max_lr=np.inf, eps=eps)
   assert int(state.num_skipped) == 0
-  _assert_close_where_normal(updates["g"], want)
+  _assert_close_where_normal(updates, want)
 
 
 def test_rows_whose_own_gap_overflows_give_the_float64_mean_gap():

@@ -14,6 +14,8 @@ from typing import Iterator
 # the `/*index=5*/` comments of long tuple shapes are dropped.
 _OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
 _INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_RESULT_SHAPE = re.compile(r"=\s*(\([^=]*?\)|\S+)\s+conditional\(")
 # Instructions that launch no kernel.
 FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
                   "bitcast"})
@@ -58,3 +60,49 @@ def entry_kernels(text: str) -> dict[str, int]:
     if op and op not in FREE:
       counts[op] = counts.get(op, 0) + 1
   return counts
+
+
+def computation_lines(text: str, name: str) -> list[str]:
+  """The lines of the body of computation `name` (without its ``%``)."""
+  lines, inside = [], False
+  for line in text.splitlines():
+    if not inside:
+      inside = (line.startswith((f"%{name} ", f"ENTRY %{name} "))
+                and line.rstrip().endswith("{"))
+    elif line.startswith("}"):
+      break
+    else:
+      lines.append(line)
+  return lines
+
+
+def conditional_branches(text: str) -> list[tuple[str, list[dict[str, int]]]]:
+  """Each top-level conditional: its result shape, and the kernels each of
+  its branches runs (counted as :func:`entry_kernels` counts them).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> f = lambda p, x: jax.lax.cond(p, jnp.sin, lambda x: x, x)
+    >>> text = jax.jit(f).lower(True, jnp.ones(3)).compile().as_text()
+    >>> [(shape, sorted(map(sum, (b.values() for b in branches))))
+    ...  for shape, branches in conditional_branches(text)]
+    [('(f32[3]{0})', [0, 1])]
+  """
+  out = []
+  for line in entry_lines(text):
+    clean = _INDEX_COMMENT.sub("", line)
+    if opcode(line) != "conditional":
+      continue
+    names = [b.strip().lstrip("%") for b in
+             _BRANCHES.search(clean).group(1).split(",")]
+    branches = []
+    for name in names:
+      counts: dict[str, int] = {}
+      for body_line in computation_lines(text, name):
+        op = opcode(body_line)
+        if op and op not in FREE:
+          counts[op] = counts.get(op, 0) + 1
+      branches.append(counts)
+    out.append((_RESULT_SHAPE.search(clean).group(1), branches))
+  return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-# Counted as the benchmarks count them.
-from benchmarks.hlo import entry_kernels  # noqa: F401  (re-exported)
+# Counted as the benchmarks count them (re-exported).
+from benchmarks.hlo import conditional_branches, entry_kernels  # noqa: F401
 
 _COLLECTIVE = re.compile(
     r"= \S+ (all-gather|all-to-all|collective-permute|all-reduce)")

@@ -307,16 +307,21 @@ def _scale_by_aalig(
         jnp.minimum(jnp.maximum(jnp.where(n > 0, mean, 0.0), 0.0) / denom,
                     max_lr), 0.0)
     # The rare case: the mean overflowed (exactly when the sum does: n >= 1
-    # in the mean), or ||g||^2 + eps is not finite. An int32 index, read by the
-    # branch and (cheaply recomputed) by the selects below: one kernel.
+    # in the mean), or ||g||^2 + eps is not finite: the switch's index.
     rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(denom),
                        0, 1)
-    rare_case = rare_i > 0
 
-    def rare(scaled_gap, grads32, sums):
+    # (coefficient, scale) of the usual case, which the switch's usual branch
+    # hands back as it is: read by nothing else, XLA then gives it the
+    # switch's output buffer and the branch runs no kernel (handing back two
+    # scalars that are read later cost two copies a step).
+    usual_pair = jnp.stack([usual_step, jnp.float32(1.0)])
+
+    def rare(scaled_gap, grads32, sums, usual_pair):
       # The mean gap from the scaled sum where the plain one overflows, and
       # the step of a scaled gradient where ||g||^2 does; a batch to skip (a
       # non-finite gap or gradient) gets a NaN coefficient.
+      del usual_pair  # (Both branches take the same operands.)
       mean = _batch_mean(sums[0] - sums[1], n)
       scaled_mean = _batch_mean(scaled_gap, n) * _alig.pow2(
           jnp.int32(GAP_SHIFT))
@@ -324,36 +329,33 @@ def _scale_by_aalig(
                       0.0)
       coef, scale, finite = _alig.step_coefficients(
           gap, sq_norm, _alig.scaled_sq_norm(grads32), max_lr, eps_)
-      return jnp.where(jnp.isfinite(gap) & finite, coef, jnp.nan), scale
+      return jnp.stack([jnp.where(jnp.isfinite(gap) & finite, coef, jnp.nan),
+                        scale])
 
-    def usual(scaled_gap, grads32, sums):
-      # Two of the branch's own operands, dead after it, handed back
-      # unchanged: this branch runs no kernel (the selects below ignore its
-      # values).
-      del scaled_gap, grads32
-      return sums
+    def usual(scaled_gap, grads32, sums, usual_pair):
+      del scaled_gap, grads32, sums
+      return usual_pair
 
     def switched(i, *operands):
       return jax.lax.switch(i, (usual, rare), *operands)
 
     def direct(i, *operands):
-      del i  # The selects below pick the usual step where it applies.
-      return rare(*operands)
+      return jnp.where(i > 0, rare(*operands), usual_pair)
 
     leaves = jax.tree.leaves(grads32)
     small = (len(leaves) <= BRANCH_FREE_MAX_LEAVES
              and sum(g.size for g in leaves) <= BRANCH_FREE_MAX_SIZE)
-    rare_coef, rare_scale = jax.lax.platform_dependent(
-        rare_i, scaled_gap, grads32, (loss_sum, aov_sum), default=switched,
+    pair = jax.lax.platform_dependent(
+        rare_i, scaled_gap, grads32, (loss_sum, aov_sum), usual_pair,
+        default=switched,
         **{platform: direct for platform in
            (BRANCH_FREE_PLATFORMS if small else ())})
+    coef, scale = pair[0], pair[1]
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-    # (The usual case has a finite gap and gradient.)
-    skip = rare_case & jnp.isnan(rare_coef)
-    coef = jnp.where(rare_case, rare_coef, usual_step)
-    scale = jnp.where(rare_case, rare_scale, 1.0)
+    # (The usual case's coefficient is finite.)
+    skip = jnp.isnan(coef)
     # gamma: c * s (s is 1 unless gamma is below float32's normal range).
-    step_size = jnp.where(rare_case, rare_coef * rare_scale, usual_step)
+    step_size = coef * scale
     new_updates = jax.tree.map(
         lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
         updates)

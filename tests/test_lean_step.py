@@ -118,6 +118,20 @@ def test_optimizer_part_kernel_count_stays_bounded():
   assert "sort" not in ours and ours.get("conditional", 0) <= 2, ours
 
 
+def test_overflow_switch_runs_no_kernel_in_the_usual_case():
+  """The overflow switch's usual branch hands its operand back as it is: no
+  kernel at any step (it handed back two scalars that were read later, and
+  XLA copied both at every step). On the tiny model each thunk of XLA:CPU
+  costs about 0.6 us of a ~35 us optimiser part."""
+  text = _compiled_part(ao.aalig(0.1, 1000, 10**6, 10**3)).as_text()
+  conds = hlo_checks.conditional_branches(text)
+  # The switch is the conditional that returns no table.
+  switches = [branches for shape, branches in conds
+              if "f32[1000]" not in shape]
+  assert len(switches) == 1, conds
+  assert {} in switches[0], switches
+
+
 def test_skipped_batch_moves_nothing_with_a_saturated_skip_counter():
   """A batch skipped after 2**31 - 1 earlier skips still moves nothing: the
   skip is not read off the (saturated) counter."""

@@ -11,7 +11,9 @@ and 10^7 examples, no section end while timing):
 - the first compilation of the whole train step, each optimiser in turn,
   repeated, as ratios to SGD's (paired by repetition);
 - the whole train step and the optimiser part, timed interleaved
-  (:mod:`benchmarks.timing`): medians, paired ratios, fastest-decile ratios.
+  (:mod:`benchmarks.timing`): medians, paired ratios, fastest-decile ratios;
+- with ``--floors``, also :func:`table_floor`: what a step with per-example
+  tables costs without AALIG's guards, a lower bound for the targets.
 
 Self-contained, so that it runs unchanged against an older checkout (run
 from that checkout's root: ``python /path/to/benchmarks/lean_step.py``).
@@ -71,7 +73,57 @@ def load_baseline(root):
   return importlib.import_module("aalig_baseline")
 
 
-def optimisers(n_small, n_big, baseline=None):
+def table_floor(num_examples, section_cond=None, steps_per_section=10**9):
+  """A lower bound for a step with per-example tables; not an optimiser.
+
+  Only the work that no Polyak step with per-example tables can avoid: gather
+  the batch's table entries, their mean gap, ``||g||^2``, the step size
+  ``min(max_lr, gap / (||g||^2 + eps))``, a scatter of the batch's losses into
+  a table, and a step counter; chained with AALIG's default Nesterov momentum.
+  None of AALIG's guards: no skip of a non-finite batch, no overflow case, no
+  resolution of repeated indices, no masks, one counter. What AALIG costs
+  beyond this is what those guards cost.
+
+  Args:
+    num_examples: the tables' size.
+    section_cond: None (no section end), ``"early"``: a section-end
+      ``lax.cond`` (an O(N) ``jnp.where`` over a table when taken, never while
+      timing) whose predicate reads the count and the gap, or ``"late"``: its
+      predicate also reads ``||g||^2``, as AALIG's reads the skip decision.
+    steps_per_section: the section's length (the default is never reached
+      while timing).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (``losses=``, ``indices=``).
+  """
+  def init(params):
+    del params
+    return (jnp.zeros(num_examples), jnp.zeros(num_examples),
+            jnp.zeros((), jnp.int32))
+
+  def update(g, state, params=None, *, losses, indices, **extra):
+    del params, extra
+    aov, last, count = state
+    gap = jnp.maximum(jnp.mean(losses - aov[indices]), 0.0)
+    sq = optax.tree.norm(g, squared=True)
+    lr = jnp.minimum(0.1, gap / (sq + 1e-5))
+    last = last.at[indices].set(losses)
+    count = count + 1
+    if section_cond is not None:
+      # (Reading the gap orders the cond after the gather: XLA then writes
+      # the table in place instead of copying it.)
+      due = (count % steps_per_section == 0) & ~jnp.isnan(gap)
+      if section_cond == "late":
+        due = due & jnp.isfinite(sq)
+      aov = jax.lax.cond(due, lambda a, seen: jnp.where(seen < a, seen, a),
+                         lambda a, seen: a, aov, last)
+    return jax.tree.map(lambda x: -lr * x, g), (aov, last, count)
+
+  return optax.chain(optax.GradientTransformationExtraArgs(init, update),
+                     optax.trace(0.9, nesterov=True))
+
+
+def optimisers(n_small, n_big, baseline=None, floors=False):
   out = {
       "sgd": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
       "polyak_sgd": lambda: optax.polyak_sgd(1.0, eps=1e-8),
@@ -82,6 +134,10 @@ def optimisers(n_small, n_big, baseline=None):
       f"aalig_N{n_small:.0e}": lambda: ao.aalig(0.1, n_small, 10**6, 10**3),
       f"aalig_N{n_big:.0e}": lambda: ao.aalig(0.1, n_big, 10**6, 10**3),
   }
+  if floors:
+    out["floor_tables"] = lambda: table_floor(n_small)
+    out["floor_tables_cond"] = lambda: table_floor(n_small, "early")
+    out["floor_tables_late_cond"] = lambda: table_floor(n_small, "late")
   if baseline is not None:
     out[f"base_aalig_N{n_small:.0e}"] = lambda: baseline.aalig(
         0.1, n_small, 10**6, 10**3)
@@ -196,6 +252,10 @@ def main(argv=None):
   ap.add_argument("--indices", choices=("epoch", "random"), default="epoch",
                   help="a batch's indices: distinct, as in an epoch of "
                   "shuffled data (default), or drawn with replacement")
+  ap.add_argument("--floors", action="store_true",
+                  help="also time `table_floor` (the work any step with "
+                  "per-example tables does; none of AALIG's guards), "
+                  "without a section-end cond and with one")
   ap.add_argument("--json", default=None)
   ap.add_argument("--baseline", default=None,
                   help="root of another checkout to compare with")
@@ -214,7 +274,8 @@ def main(argv=None):
     return res
   n_small = 10**3
   txs = optimisers(n_small, args.n_big,
-                   load_baseline(args.baseline) if args.baseline else None)
+                   load_baseline(args.baseline) if args.baseline else None,
+                   floors=args.floors)
   rng = np.random.default_rng(0)
   p = params0()
   xs = jnp.asarray(rng.standard_normal((16, B, D_IN)), jnp.float32)

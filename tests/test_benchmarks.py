@@ -277,10 +277,11 @@ def test_lean_step_smoke(tmp_path: pathlib.Path):
   out = tmp_path / "lean.json"
   lean_step.main(["--rounds", "2", "--steps", "2", "--compile-reps", "1",
                   "--n-big", "5000", "--indices", "random", "--baseline",
-                  str(root), "--json", str(out)])
+                  str(root), "--floors", "--json", str(out)])
   res = json.loads(out.read_text())
   names = {"sgd", "polyak_sgd", "polyak_nesterov", "aalig_N1e+03",
-           "aalig_N5e+03", "base_aalig_N1e+03", "base_aalig_N5e+03"}
+           "aalig_N5e+03", "base_aalig_N1e+03", "base_aalig_N5e+03",
+           "floor_tables", "floor_tables_cond", "floor_tables_late_cond"}
   assert set(res["hlo_opt_part"]) == names
   assert set(res["step"]["vs_polyak_nesterov"]) == names
   hlo = res["hlo_opt_part"]
@@ -291,6 +292,48 @@ def test_lean_step_smoke(tmp_path: pathlib.Path):
   assert hlo["polyak_nesterov"]["kernels"] > hlo["polyak_sgd"]["kernels"]
   assert res["environment"]["indices"] == "random"
   assert all(r["median_us"] > 0 for r in res["opt_part"]["vs_sgd"].values())
+
+
+@pytest.mark.parametrize("section_cond,steps_per_section",
+                         [(None, 1), ("early", 1), ("late", 1),
+                          ("early", 10**9), ("late", 10**9)])
+def test_lean_step_floor_does_the_work_it_stands_for(section_cond,
+                                                     steps_per_section):
+  """The floor that bounds issue 13's targets is not a stub: it takes the
+  Polyak step of the batch's mean gap with Nesterov momentum, writes the
+  batch's losses into its table, counts the step, and (with a section cond)
+  updates the other table in place when the cond is due."""
+  from benchmarks import lean_step
+  n = 1000
+  tx = lean_step.table_floor(n, section_cond, steps_per_section)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.full(2, -1.0)}
+  state = tx.init(params)
+  aov = jnp.linspace(0.0, 0.5, n)
+  state = ((aov, state[0][1], state[0][2]),) + tuple(state[1:])
+  idx = jnp.array([3, 700, 42, 999], jnp.int32)
+  losses = jnp.array([2.0, 1.5, 0.25, 3.0])
+  update = jax.jit(functools.partial(tx.update, losses=losses, indices=idx))
+  updates, new_state = update(grads, state, params)
+  gap = float(np.mean(np.asarray(losses) - np.asarray(aov)[np.asarray(idx)]))
+  lr = min(0.1, gap / (3 * 2 * 0.25 + 2 * 1.0 + 1e-5))
+  # Nesterov from a zero trace: (1 + 0.9) times the step.
+  expected = jax.tree.map(lambda g: -1.9 * lr * g, grads)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  (new_aov, last, count), _ = new_state
+  np.testing.assert_array_equal(np.asarray(last)[np.asarray(idx)], losses)
+  assert int(count) == 1
+  if section_cond is not None and steps_per_section == 1:  # A section end.
+    np.testing.assert_array_equal(new_aov, np.minimum(last, aov))
+  else:
+    np.testing.assert_array_equal(new_aov, aov)
+  compiled = lean_step.opt_part(tx).lower(
+      params, state, grads, jnp.float32(1.0), losses, idx).compile()
+  counts = lean_step.hlo_counts(compiled)
+  assert counts["ops"].get("conditional", 0) == (section_cond is not None)
+  # Tables are written in place (a scalar copy of the count at most).
+  assert "f32[1000]{0} copy(" not in compiled.as_text()
 
 
 def test_hlo_parser_counts_kernels_as_its_docstring_says():

@@ -15,6 +15,8 @@ from typing import Iterator
 _OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9\-]*)\(")
 _INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_PRED_BRANCHES = re.compile(
+    r"true_computation=%?([^,\s]+),\s*false_computation=%?([^,\s]+)")
 _RESULT_SHAPE = re.compile(r"=\s*(\([^=]*?\)|\S+)\s+conditional\(")
 # Instructions that launch no kernel.
 FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
@@ -63,17 +65,22 @@ def entry_kernels(text: str) -> dict[str, int]:
 
 
 def computation_lines(text: str, name: str) -> list[str]:
-  """The lines of the body of computation `name` (without its ``%``)."""
+  """The lines of the body of computation `name` (without its ``%``).
+
+  Raises:
+    ValueError: if `text` has no computation of that name (an empty body
+      would read as one that runs no kernel).
+  """
   lines, inside = [], False
   for line in text.splitlines():
     if not inside:
       inside = (line.startswith((f"%{name} ", f"ENTRY %{name} "))
                 and line.rstrip().endswith("{"))
     elif line.startswith("}"):
-      break
+      return lines
     else:
       lines.append(line)
-  return lines
+  raise ValueError(f"no computation %{name} in this HLO text")
 
 
 def conditional_branches(text: str) -> list[tuple[str, list[dict[str, int]]]]:
@@ -94,8 +101,12 @@ def conditional_branches(text: str) -> list[tuple[str, list[dict[str, int]]]]:
     clean = _INDEX_COMMENT.sub("", line)
     if opcode(line) != "conditional":
       continue
-    names = [b.strip().lstrip("%") for b in
-             _BRANCHES.search(clean).group(1).split(",")]
+    indexed = _BRANCHES.search(clean)
+    if indexed:
+      names = [b.strip().lstrip("%") for b in indexed.group(1).split(",")]
+    else:  # A predicate's conditional: branch 0 is the false one, as in cond.
+      true_name, false_name = _PRED_BRANCHES.search(clean).groups()
+      names = [false_name, true_name]
     branches = []
     for name in names:
       counts: dict[str, int] = {}

@@ -129,7 +129,8 @@ def test_overflow_switch_runs_no_kernel_in_the_usual_case():
   switches = [branches for shape, branches in conds
               if "f32[1000]" not in shape]
   assert len(switches) == 1, conds
-  assert {} in switches[0], switches
+  usual, rare = switches[0]
+  assert usual == {} and rare, switches
 
 
 def test_skipped_batch_moves_nothing_with_a_saturated_skip_counter():

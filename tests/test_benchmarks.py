@@ -307,7 +307,9 @@ def test_lean_step_floor_does_the_work_it_stands_for(section_cond,
   n = 1000
   tx = lean_step.table_floor(n, section_cond, steps_per_section)
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-  grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.full(2, -1.0)}
+  # ||g||^2 = 42: the step is below its cap, so the gap, the gathered AOVs
+  # and the norm all show in the update.
+  grads = {"w": jnp.full((3, 2), 2.0), "b": jnp.full(2, -3.0)}
   state = tx.init(params)
   aov = jnp.linspace(0.0, 0.5, n)
   state = ((aov, state[0][1], state[0][2]),) + tuple(state[1:])
@@ -316,7 +318,8 @@ def test_lean_step_floor_does_the_work_it_stands_for(section_cond,
   update = jax.jit(functools.partial(tx.update, losses=losses, indices=idx))
   updates, new_state = update(grads, state, params)
   gap = float(np.mean(np.asarray(losses) - np.asarray(aov)[np.asarray(idx)]))
-  lr = min(0.1, gap / (3 * 2 * 0.25 + 2 * 1.0 + 1e-5))
+  lr = gap / (6 * 4.0 + 2 * 9.0 + 1e-5)
+  assert 0 < lr < 0.05
   # Nesterov from a zero trace: (1 + 0.9) times the step.
   expected = jax.tree.map(lambda g: -1.9 * lr * g, grads)
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
@@ -336,13 +339,57 @@ def test_lean_step_floor_does_the_work_it_stands_for(section_cond,
   assert "f32[1000]{0} copy(" not in compiled.as_text()
 
 
+def test_profile_threads_smoke(tmp_path):
+  """The thread profile runs as documented, in a process of its own, and
+  finds the kernels of both programs (none would mean the profiler stopped
+  recording XLA:CPU's kernels)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "threads.json"
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-m", "benchmarks.profile_threads",
+                  "--steps", "3", "--json", str(out)],
+                 cwd=root, env=env, check=True, capture_output=True,
+                 timeout=600)
+  res = json.loads(out.read_text())
+  for name in ("aalig", "floor_tables_late_cond"):
+    assert res[name]["per_step"] >= 10, res
+    assert 0 < res[name]["on_busiest_thread"] <= res[name]["per_step"]
+    assert 0 <= res[name]["overlap_fraction"] <= 1
+  assert res["aalig"]["per_step"] > res["floor_tables_late_cond"]["per_step"]
+
+
+def test_hlo_conditional_branches_reads_both_forms_and_refuses_a_lost_name():
+  """A predicate's conditional is read as cond orders it (false first); a
+  branch whose body cannot be found raises instead of reading as empty."""
+  from benchmarks import hlo
+  def comp(name, body):
+    return (f"%{name} (a: f32[3]) -> (f32[3]) {{\n  %a = f32[3]{{0}} "
+            f"parameter(0)\n{body}  ROOT %r = (f32[3]{{0}}) tuple(%a)\n}}\n\n")
+  cond = ("  %c = (f32[3]{0}) conditional(pred[] %p, f32[3]{0} %x, "
+          "f32[3]{0} %x), true_computation=%t.1, false_computation=%f.2\n")
+  text = ("HloModule m\n\n"
+          + comp("t.1", "  %s = f32[3]{0} sine(f32[3]{0} %a)\n")
+          + comp("f.2", "")
+          + "ENTRY %main (p: pred[], x: f32[3]) -> (f32[3]) {\n"
+          "  %p = pred[] parameter(0)\n  %x = f32[3]{0} parameter(1)\n"
+          + cond + "}\n")
+  assert hlo.conditional_branches(text) == [("(f32[3]{0})", [{}, {"sine": 1}])]
+  with pytest.raises(ValueError, match="no computation %t.1"):
+    hlo.conditional_branches(text.replace("%t.1 (", "%t.9 ("))
+
+
 def test_hlo_parser_counts_kernels_as_its_docstring_says():
   """benchmarks.hlo is shared by the reports and the HLO tests: its example
   runs (benchmarks are outside the doctest paths), and an op with a long
   tuple output is counted."""
   import doctest
-  from benchmarks import hlo
+  from benchmarks import hlo, profile_threads
   assert doctest.testmod(hlo).failed == 0
+  run = doctest.testmod(profile_threads)  # overlap_fraction's example.
+  assert run.attempted and not run.failed
   line = ("  %c = (f32[], f32[], f32[], f32[], f32[], /*index=5*/f32[]) "
           "conditional(%p, %a, %b), branch_computations={%x, %y}")
   assert hlo.opcode(line) == "conditional"

@@ -352,7 +352,7 @@ def _scale_by_aalig(
            (BRANCH_FREE_PLATFORMS if small else ())})
     coef, scale = pair[0], pair[1]
     # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-    # (The usual case's coefficient is finite.)
+    # (The usual case's coefficient is never NaN.)
     skip = jnp.isnan(coef)
     # gamma: c * s (s is 1 unless gamma is below float32's normal range).
     step_size = coef * scale

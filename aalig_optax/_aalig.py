@@ -112,7 +112,8 @@ def scale_by_aalig(
   records its lowest loss.
 
   Args:
-    max_learning_rate: the maximal step size :math:`\eta` (> 0).
+    max_learning_rate: the maximal step size :math:`\eta` (> 0; ``inf``
+      for none, in effect float32's largest value).
     num_examples: N, the size of the training set (static).
     steps_per_epoch: optimiser steps in an epoch (static).
     epochs_per_section: epochs between AOV updates; the paper uses a tenth of
@@ -277,6 +278,7 @@ def _scale_by_aalig(
     # Injected (traced) hyperparameters are clipped into their valid range.
     max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
                                            0.0)
+    max_lr = _alig.cap_max_learning_rate(max_lr)
     eps_, bad_eps = _checks.clip_injected(eps, 0.0, _F32_MAX, _F32_MAX)
     bound, bad_bound = _checks.clip_injected(lower_bound, -table_max,
                                              table_max, -table_max)

@@ -19,6 +19,22 @@ def pow2(e):
       jax.lax.shift_left(e + 127, jnp.int32(23)), jnp.float32)
 
 
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def cap_max_learning_rate(max_learning_rate):
+  """The step size's upper bound, at most float32's largest value.
+
+  A step size is a float32: uncapped (inf), gap / (||g||^2 + eps) can
+  overflow to inf, and inf * g is NaN where g is 0. A Python or NumPy
+  number is capped here (a constant of the program); an injected one in
+  the program.
+  """
+  if isinstance(max_learning_rate, jax.Array):
+    return jnp.minimum(max_learning_rate.astype(jnp.float32), _F32_MAX)
+  return min(float(max_learning_rate), _F32_MAX)
+
+
 # Where ||g||^2 + eps overflows float32, the step is computed from
 # ||2^-NORM_SHIFT g||^2, which stays finite for any finite g of up to 2^71
 # entries (each term is at most 2^56). The terms it flushes to zero
@@ -125,7 +141,8 @@ def scale_by_alig(
   whose squared norm overflows float32 gets the step the finite maths gives.
 
   Args:
-    max_learning_rate: the maximal step size :math:`\eta` (> 0).
+    max_learning_rate: the maximal step size :math:`\eta` (> 0; ``inf``
+      for none, in effect float32's largest value).
     lower_bound: B, the optimal value assumed for every loss (interpolation).
     eps: :math:`\epsilon` (>= 0), 1e-5 in ALI-G's practice.
 
@@ -170,7 +187,7 @@ def scale_by_alig(
     sq_norm = optax.tree.norm(grads32, squared=True)
     coef, scale, finite = step_coefficients(
         gap, sq_norm, scaled_sq_norm_if_needed(sq_norm + eps, grads32),
-        max_learning_rate, eps)
+        cap_max_learning_rate(max_learning_rate), eps)
     # A non-finite loss or gradient gives a zero step.
     coef = jnp.where(finite & jnp.isfinite(gap), coef, 0.0)
     step_size = coef * scale
@@ -241,7 +258,8 @@ def alig(
   variant="sps+")``.
 
   Args:
-    max_learning_rate: the maximal step size :math:`\eta` (> 0).
+    max_learning_rate: the maximal step size :math:`\eta` (> 0; ``inf``
+      for none, in effect float32's largest value).
     momentum: :math:`\mu` in [0, 1).
     max_norm: radius r of the L2 ball the params are projected onto after each
       step; None for no constraint.

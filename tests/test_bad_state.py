@@ -477,6 +477,51 @@ def test_best_epoch_with_losses_near_the_float32_max_still_improves():
   np.testing.assert_allclose(np.asarray(state.aov), big / 4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("g", [0.0, 1e-30])
+@pytest.mark.parametrize("opt", ["aalig", "alig", "aalig_injected"])
+def test_uncapped_step_size_that_overflows_gives_a_finite_update(opt, g, jit):
+  """With max_learning_rate=inf (no cap), a gap above float32's largest value
+  times eps or machine epsilon overflows gap / (||g||^2 + eps). The update
+  was inf * 0 = NaN for a zero gradient (the parameters lost, nothing
+  counted); a step size is a float32, so it is now at most float32's
+  largest value: a zero gradient gives a zero update, a small one a finite
+  update, and the step is neither skipped nor counted as clipped."""
+  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
+  grads = {"g": jnp.full((3,), g, jnp.float32)}
+  gap = 1e34  # gap / eps = 1e39 > float32's largest value.
+  if opt == "alig":
+    tx = scale_by_alig(np.inf)
+    def run(gr):
+      return tx.update(gr, tx.init(None), None, value=jnp.float32(gap))
+  elif opt == "aalig":
+    tx = scale_by_aalig(np.inf, num_examples=4, steps_per_epoch=10,
+                        epochs_per_section=1)
+    def run(gr):
+      return tx.update(gr, tx.init(None), None, losses=jnp.full((2,), gap),
+                       indices=jnp.array([0, 1]))
+  else:
+    tx, params, state = _injected(max_learning_rate=np.inf, momentum=0.0)
+    grads = {"g": grads["g"][:2]}
+    def run(gr):
+      return tx.update(gr["g"], state, params, losses=jnp.full((2,), gap),
+                       indices=jnp.array([0, 1]))
+  updates, new_state = (jax.jit(run) if jit else run)(grads)
+  got = np.asarray(jax.tree.leaves(updates)[0])
+  assert np.all(np.isfinite(got)), got
+  # gamma = float32's largest value; a descent direction, whatever the sign.
+  np.testing.assert_allclose(np.abs(got), np.float32(F32_MAX) * np.float32(g),
+                             rtol=1e-6)
+  if opt != "alig":
+    metrics = aalig_metrics(new_state)
+    assert int(metrics["num_skipped"]) == 0
+    assert float(metrics["step_size"]) == F32_MAX
+    if opt == "aalig_injected":
+      assert int(metrics["num_clipped"]) == 0
+  else:
+    assert float(new_state.step_size) == F32_MAX
+
+
 # 7. Injected hyperparameters -----------------------------------------------
 
 def _injected(**hp):

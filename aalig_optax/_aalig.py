@@ -7,7 +7,6 @@ from typing import Any, Optional
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from aalig_optax import _alig
@@ -39,7 +38,6 @@ BRANCH_FREE_MAX_SIZE = 1 << 22
 # The gap is also summed over its rows scaled by 2^-GAP_SHIFT: finite for
 # any finite losses and AOVs in batches of up to 2^39 rows.
 GAP_SHIFT = 40
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _batch_mean(total, n):
@@ -279,7 +277,8 @@ def _scale_by_aalig(
     max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
                                            0.0)
     max_lr = _alig.cap_max_learning_rate(max_lr)
-    eps_, bad_eps = _checks.clip_injected(eps, 0.0, _F32_MAX, _F32_MAX)
+    eps_, bad_eps = _checks.clip_injected(eps, 0.0, _alig.F32_MAX,
+                                         _alig.F32_MAX)
     bound, bad_bound = _checks.clip_injected(lower_bound, -table_max,
                                              table_max, -table_max)
     clipped = bad_lr | bad_eps | bad_bound

@@ -19,7 +19,7 @@ def pow2(e):
       jax.lax.shift_left(e + 127, jnp.int32(23)), jnp.float32)
 
 
-_F32_MAX = float(jnp.finfo(jnp.float32).max)
+F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def cap_max_learning_rate(max_learning_rate):
@@ -31,8 +31,8 @@ def cap_max_learning_rate(max_learning_rate):
   the program.
   """
   if isinstance(max_learning_rate, jax.Array):
-    return jnp.minimum(max_learning_rate.astype(jnp.float32), _F32_MAX)
-  return min(float(max_learning_rate), _F32_MAX)
+    return jnp.minimum(max_learning_rate.astype(jnp.float32), F32_MAX)
+  return min(float(max_learning_rate), F32_MAX)
 
 
 # Where ||g||^2 + eps overflows float32, the step is computed from

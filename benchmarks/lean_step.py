@@ -12,8 +12,9 @@ and 10^7 examples, no section end while timing):
   repeated, as ratios to SGD's (paired by repetition);
 - the whole train step and the optimiser part, timed interleaved
   (:mod:`benchmarks.timing`): medians, paired ratios, fastest-decile ratios;
-- with ``--floors``, also :func:`table_floor`: what a step with per-example
-  tables costs without AALIG's guards, a lower bound for the targets.
+- with ``--floors``, also :func:`table_floor`: what a lean step with
+  per-example tables costs without AALIG's guards, a yardstick for the
+  targets.
 
 Self-contained, so that it runs unchanged against an older checkout (run
 from that checkout's root: ``python /path/to/benchmarks/lean_step.py``).
@@ -74,9 +75,10 @@ def load_baseline(root):
 
 
 def table_floor(num_examples, section_cond=None, steps_per_section=10**9):
-  """A lower bound for a step with per-example tables; not an optimiser.
+  """A lean step with per-example tables, as a yardstick; not an optimiser.
 
-  Only the work that no Polyak step with per-example tables can avoid: gather
+  The work we see no way for a Polyak step with per-example tables to
+  avoid, written plainly (one implementation, not a proven minimum): gather
   the batch's table entries, their mean gap, ``||g||^2``, the step size
   ``min(max_lr, gap / (||g||^2 + eps))``, a scatter of the batch's losses into
   a table, and a step counter; chained with AALIG's default Nesterov momentum.
@@ -253,8 +255,8 @@ def main(argv=None):
                   help="a batch's indices: distinct, as in an epoch of "
                   "shuffled data (default), or drawn with replacement")
   ap.add_argument("--floors", action="store_true",
-                  help="also time `table_floor` (the work any step with "
-                  "per-example tables does; none of AALIG's guards), "
+                  help="also time `table_floor` (a lean step with "
+                  "per-example tables and none of AALIG's guards), "
                   "without a section-end cond and with one")
   ap.add_argument("--json", default=None)
   ap.add_argument("--baseline", default=None,

@@ -4,13 +4,13 @@ Issue 13's tiny step (:mod:`benchmarks.lean_step`: a 10,100-parameter
 linear model, batches of 64) under AALIG and under ``table_floor`` with a
 late section-end cond, profiled with ``jax.profiler.trace``, which records
 an event for each kernel XLA:CPU runs (jax 0.10.2, with or without
-``--xla_cpu_enable_xprof_traceme``). Kernel events are those whose name contains
-``fusion``, ``cond``, ``scatter``, ``dot`` or ``custom`` (not every kernel:
-copies and the like are left out, so the counts are below the HLO's). The
-result, per program: kernel events per step on each thread, and the
-fraction of the kernels' time during which two of them run at once. If
-that is near zero, the step is a sequence and costs the sum of its
-kernels::
+``--xla_cpu_enable_xprof_traceme``). Kernel events are those whose name
+contains ``fusion``, ``cond``, ``scatter``, ``dot`` or ``custom`` (not
+every kernel: copies and the like are left out, so the counts are below
+the HLO's). The result, per program: kernel events per step on each
+thread, and the fraction of the kernels' time during which two of them run
+at once. If that is near zero, the step is a sequence and costs the sum of
+its kernels::
 
   python -m benchmarks.profile_threads [--steps 200] [--json out.json]
 """
@@ -40,7 +40,7 @@ from benchmarks import lean_step
 _KERNEL_WORDS = ("fusion", "cond", "scatter", "dot", "custom")
 
 
-def kernel_events_by_thread(tx, steps: int) -> dict[str, float]:
+def kernel_events_by_thread(tx, steps: int) -> tuple[dict[str, float], float]:
   """(kernel events per step by thread name, :func:`overlap_fraction`) of
   the whole train step."""
   rng = np.random.default_rng(0)

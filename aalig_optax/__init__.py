@@ -1,7 +1,9 @@
 """aalig-optax: AALIG (Adaptive ALI-G) and ALI-G as Optax transforms."""
 
 from aalig_optax._optimizer import aalig
+from aalig_optax._optimizer import STATIC_ARGS
 from aalig_optax._aalig import scale_by_aalig
+from aalig_optax._aov import current_aovs
 from aalig_optax._aov import update_aovs
 from aalig_optax._aov import update_aovs_reflect
 from aalig_optax._initial import loss_table
@@ -23,12 +25,14 @@ from aalig_optax._sharding import state_shardings
 __version__ = "0.1.0"
 
 __all__ = (
+    "STATIC_ARGS",
     "aalig",
     "aalig_metrics",
     "AaligConfig",
     "check_hyperparams",
     "alig",
     "check_indices",
+    "current_aovs",
     "loss_table",
     "process_example_range",
     "project_l2_ball",

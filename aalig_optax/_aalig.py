@@ -1,18 +1,26 @@
-"""AALIG (Adaptive ALI-G): a Polyak step size with per-example optima."""
+"""AALIG (Adaptive ALI-G): a Polyak step size with per-example optima.
+
+A step, top to bottom (:func:`step`): check the batch; read its rows, with
+the AOV updates of past section ends that are still due applied
+(:func:`_read_aovs`); the batch's mean gap (:func:`_mean_gap`) and the step
+size; record the losses (:func:`_record`); move the counters
+(:func:`_count`). No branch, and O(batch) work, except for
+``loss_estimate="best_epoch"``, whose epoch ends copy a table.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from aalig_optax import _alig
 from aalig_optax import _aov
 from aalig_optax import _checks
 from aalig_optax import _initial
+from aalig_optax import _numerics
 from aalig_optax import _state
 from aalig_optax import _tables
 from aalig_optax._state import AaligConfig
@@ -20,44 +28,29 @@ from aalig_optax._state import I32_MAX
 from aalig_optax._state import saturating_add
 
 _LOSS_ESTIMATES = ("last", "best_epoch")
-# Platforms where the rare case's scaled norm of the gradient is computed at
-# every step rather than in a branch: a GPU conditional copies its predicate
-# to the host and waits for it (XLA's ConditionalThunk, openxla/xla
-# xla/backends/gpu/runtime/conditional_thunk.cc), so that the step cannot be
-# queued ahead of the device (on an H200 the branch cost 2% of the step of a
-# linear model and of a 1.8M-parameter MLP, under 1% of ResNet-8's, which has
-# 29 leaves; benchmarks/results/gpu/). The scaled norm reads every gradient
-# leaf once more: above BRANCH_FREE_MAX_LEAVES leaves or BRANCH_FREE_MAX_SIZE
-# gradient entries a wait's fixed cost is the cheaper, and the branch stays.
-# (Both limits were set when that case read each leaf twice.) With a batch
-# split over several GPUs it also adds one dependent scalar all-reduce a step
-# (not measured).
-BRANCH_FREE_PLATFORMS = ("cuda", "rocm")
-BRANCH_FREE_MAX_LEAVES = 32
-BRANCH_FREE_MAX_SIZE = 1 << 22
 # The gap is also summed over its rows scaled by 2^-GAP_SHIFT: finite for
 # any finite losses and AOVs in batches of up to 2^39 rows.
 GAP_SHIFT = 40
 
 
-def _batch_mean(total, n):
-  """The batch's mean from its total (summed over `axis_name`) and count."""
-  return total / jnp.maximum(n, 1.0)
+class Settings(NamedTuple):
+  """What a :func:`scale_by_aalig` was built with, checked."""
+  config: AaligConfig
+  max_learning_rate: Any
+  eps: Any
+  lower_bound: Any
+  axis_name: Optional[str]
+  initial_aov: Any
+  rule: Callable
+  table_max: float  # The table dtype's largest value.
+  count_period: int  # The count wraps here, a multiple of the section.
 
 
-def _scaled_mean(values, n, axis_name):
-  """mean(values) for masked rows, summed after dividing each term by n:
-  finite where finite values overflow the plain sum."""
-  return _tables.psum(jnp.sum(values / jnp.maximum(n, 1.0)), axis_name)
-
-
-def _overflow_safe_mean(total, values, n, axis_name):
-  """mean(values) (masked rows), `total` their sum over `axis_name`: the sum
-  first, as usual, and where finite values overflow it, summed again after
-  dividing each term by n."""
-  mean = _batch_mean(total, n)
-  return jnp.where(jnp.isfinite(mean), mean,
-                   _scaled_mean(values, n, axis_name))
+class StepResult(NamedTuple):
+  step_size: jax.Array  # gamma, 0 for a skipped batch.
+  state: _state.ScaleByAaligState
+  skipped: jax.Array  # bool: a non-finite loss or gradient.
+  clipped: Any  # bool, or False when no hyperparameter was injected.
 
 
 def scale_by_aalig(
@@ -85,10 +78,15 @@ def scale_by_aalig(
            {\|g\|^2 + \epsilon}, 0, \eta\right), \qquad
     u = \gamma\, g.
 
-  The batch's losses are recorded, and after every `epochs_per_section`
-  epochs of `steps_per_epoch` steps the AOVs move by :func:`update_aovs`. The
-  output is :math:`\gamma g` (no sign flip), to be chained with momentum and
-  ``optax.scale(-1)``; :func:`aalig` is the complete optimiser.
+  The batch's losses are recorded, and at the end of every section of
+  `epochs_per_section` epochs of `steps_per_epoch` steps the AOV of each
+  example recorded in the section moves by the AOV rule (:func:`update_aovs`
+  by default). That update is applied to an example's row when the example
+  is next read, so a step reads and writes only its batch's rows, with no
+  branch and no pass over the tables (:func:`current_aovs` applies every
+  update still due). The output is :math:`\gamma g` (no sign flip), to be
+  chained with momentum and ``optax.scale(-1)``; :func:`aalig` is the
+  complete optimiser.
 
   ``update`` takes these extra args as keywords and ignores unknown ones.
 
@@ -104,7 +102,10 @@ def scale_by_aalig(
   ``state.num_invalid``, which :func:`check_indices` turns into an error on
   the host. A batch with a non-finite loss (among its valid rows) or a
   non-finite gradient is skipped: the update is zero, nothing is recorded and
-  only ``state.num_skipped`` changes. (``optax.apply_if_finite`` inspects the
+  only ``state.num_skipped`` changes. A finite gradient whose ||g||^2 + eps
+  overflows float32 takes a zero step (the exact one is below float32's
+  resolution of any parameter), its losses are recorded, and it is counted
+  in ``state.num_overflows``. (``optax.apply_if_finite`` inspects the
   gradient only, so this is what keeps a NaN loss out of the tables.)
   An index repeated within a batch counts once per row in the means and
   records its lowest loss.
@@ -128,13 +129,15 @@ def scale_by_aalig(
     aov_rule: how AOVs move at section ends: ``"paper"`` (Algorithm 2,
       :func:`update_aovs`), ``"reflect"`` (:func:`update_aovs_reflect`, which
       cannot freeze), or a callable ``(aov, aov_step, loss_estimate,
-      lower_bound) -> (aov, aov_step)`` of the same kind (element-wise,
-      traceable; it runs once a section under ``jit``).
+      lower_bound) -> (aov, aov_step)`` of the same kind (element-wise and
+      traceable: it runs under ``jit`` on the rows of each batch, and only
+      its output for rows with an update due is kept).
     initial_aov: the AOVs at init: None (the lower bound), a scalar, an
       array of shape [N] (e.g. a teacher's per-example losses from
-      :func:`loss_table`, or a finished run's ``state.aov``), or a callable
-      ``params -> [N]`` called by ``init``. Checked when known (finite, at
-      least `lower_bound`); traced values are clipped into range.
+      :func:`loss_table`, or a finished run's :func:`current_aovs`), or a
+      callable ``params -> [N]`` called by ``init``. Checked when known
+      (finite, at least `lower_bound`); traced values are clipped into
+      range.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -160,29 +163,34 @@ def scale_by_aalig(
     2022 (AALIG), Algorithms 1-2; Berrada, Zisserman, Kumar, "Training
     Neural Networks for and by Interpolation" (ALI-G), ICML 2020.
   """
-  return _scale_by_aalig(
+  s = make_settings(
       max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
       table_dtype=table_dtype, axis_name=axis_name, aov_rule=aov_rule,
-      initial_aov=initial_aov)[0]
+      initial_aov=initial_aov)
+
+  def update_fn(updates, state, params=None, *, losses=None, indices=None,
+                mask=None, **extra_args):
+    del params, extra_args
+    out = step(s, updates, state, losses, indices, mask)
+    return scale_updates(updates, out), out.state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: init(s, params), update_fn)
 
 
-def _scale_by_aalig(
-    max_learning_rate: chex.Numeric,
-    num_examples: int,
-    steps_per_epoch: int,
-    epochs_per_section: int,
-    *,
-    lower_bound: chex.Numeric = 0.0,
-    eps: chex.Numeric = 1e-5,
-    loss_estimate: str = "last",
-    table_dtype: Any = jnp.float32,
-    axis_name: Optional[str] = None,
-    aov_rule: Any = "paper",
-    initial_aov: Any = None,
-):
-  """scale_by_aalig's transform, and its `step` (see there), which also says
-  whether the batch was skipped and whether a hyperparameter was clipped."""
+def scale_updates(grads, out: StepResult):
+  """gamma * g in the gradient's dtype; zero for a skipped batch (whose g
+  may hold NaN)."""
+  return jax.tree.map(
+      lambda g: jnp.where(out.skipped, 0, g * out.step_size).astype(g.dtype),
+      grads)
+
+
+def make_settings(max_learning_rate, num_examples, steps_per_epoch,
+                  epochs_per_section, *, lower_bound, eps, loss_estimate,
+                  table_dtype, axis_name, aov_rule, initial_aov) -> Settings:
+  """Checks :func:`scale_by_aalig`'s arguments, naming the one at fault."""
   num_examples = _checks.static_positive_int("num_examples", num_examples)
   if num_examples > I32_MAX:
     raise ValueError(
@@ -223,218 +231,179 @@ def _scale_by_aalig(
   rule = _aov.resolve_rule(aov_rule)
   _initial.check_initial_aov(initial_aov, num_examples, lower_bound,
                              table_max)
-  best_epoch = loss_estimate == "best_epoch"
-  num_tables = 4 if best_epoch else 3
-  # Sections end when count % steps_per_section == 0; wrapping the count at
-  # a multiple of that keeps them ending past 2**31 steps.
-  count_period = (I32_MAX // steps_per_section) * steps_per_section
-  injected_bound = isinstance(lower_bound, jax.Array)
   config = AaligConfig(
       num_examples=num_examples, steps_per_epoch=steps_per_epoch,
       epochs_per_section=epochs_per_section, loss_estimate=loss_estimate,
-      table_dtype=table_dtype.name,
-      lower_bound=None if injected_bound else float(lower_bound))
+      table_dtype=table_dtype.name, aov_rule=aov_rule)
+  return Settings(
+      config=config, max_learning_rate=max_learning_rate, eps=eps,
+      lower_bound=lower_bound, axis_name=axis_name, initial_aov=initial_aov,
+      rule=rule, table_max=table_max,
+      count_period=(I32_MAX // steps_per_section) * steps_per_section)
 
-  def init_fn(params):
-    _checks.check_table_memory(
-        num_tables * num_examples * table_dtype.itemsize)
-    table = lambda v: jnp.full((num_examples,), v, table_dtype)
-    best = dict(epoch_loss_mean=0.0, epoch_loss_count=0.0,
-                best_epoch_mean=jnp.inf) if best_epoch else {}
-    return _state.new_state(
-        aov=_initial.initial_table(initial_aov, params, num_examples,
-                                   lower_bound, table_max, table_dtype),
-        aov_step=table(0.0),
-        last_loss=table(jnp.nan),
-        best_loss=table(jnp.nan) if best_epoch else None,
-        config=config,
-        count=0, num_sections=0, num_invalid=0, num_skipped=0,
-        num_clipped=0, step_size=0.0, reached_fraction=jnp.nan, **best)
 
-  def step(updates, state, losses, indices, mask):
-    """(update, new state, skip, clipped): the update of one batch."""
-    _state.check_state_fits(state, config, axis_name)
-    losses, indices, mask = _checks.check_batch(
-        losses, indices, mask, num_examples)
-    losses = losses.astype(jnp.float32)
-    if jnp.iinfo(indices.dtype).bits < 32:
-      # Compared in their own dtype, narrow indices would wrap num_examples.
-      indices = indices.astype(jnp.int32)
+def init(s: Settings, params) -> _state.ScaleByAaligState:
+  """The state at init: the starting AOVs, nothing recorded."""
+  c = s.config
+  num_tables = 4 if c.loss_estimate == "best_epoch" else 3
+  _checks.check_table_memory(
+      c.num_examples * (num_tables * jnp.dtype(c.table_dtype).itemsize + 4))
+  return _state.new_state(
+      aov=_initial.initial_table(s.initial_aov, params, c.num_examples,
+                                 s.lower_bound, s.table_max,
+                                 jnp.dtype(c.table_dtype)),
+      config=c, lower_bound=s.lower_bound)
 
-    def rows(indices, mask):
-      """(in_range, valid, safe_idx): cheap, recomputed by each kernel that
-      reads them (none is written to memory)."""
-      # 0 <= i < N as one unsigned comparison (negatives wrap above N).
-      unsigned = jnp.dtype(f"uint{jnp.iinfo(indices.dtype).bits}")
-      in_range = indices.astype(unsigned) < num_examples
-      # int32 after the range check, so wide indices cannot wrap into range.
-      return (in_range, mask & in_range,
-              jnp.where(in_range, indices, 0).astype(jnp.int32))
 
-    in_range, valid, safe_idx = rows(indices, mask)
+def _hyperparameters(s: Settings):
+  """(max_lr, eps, bound, clipped): injected (traced) values clipped into
+  their valid range, `clipped` saying whether one was outside it (False,
+  the Python bool, when none is injected)."""
+  max_lr, bad_lr = _checks.clip_injected(s.max_learning_rate, 0.0, jnp.inf,
+                                         0.0)
+  eps, bad_eps = _checks.clip_injected(s.eps, 0.0, _numerics.F32_MAX,
+                                       _numerics.F32_MAX)
+  bound, bad_bound = _checks.clip_injected(s.lower_bound, -s.table_max,
+                                           s.table_max, -s.table_max)
+  return (_numerics.cap_max_learning_rate(max_lr), eps, bound,
+          bad_lr | bad_eps | bad_bound)
 
-    # Injected (traced) hyperparameters are clipped into their valid range.
-    max_lr, bad_lr = _checks.clip_injected(max_learning_rate, 0.0, jnp.inf,
-                                           0.0)
-    max_lr = _alig.cap_max_learning_rate(max_lr)
-    eps_, bad_eps = _checks.clip_injected(eps, 0.0, _alig.F32_MAX,
-                                         _alig.F32_MAX)
-    bound, bad_bound = _checks.clip_injected(lower_bound, -table_max,
-                                             table_max, -table_max)
-    clipped = bad_lr | bad_eps | bad_bound
 
-    aov_b = _tables.take(state.aov, safe_idx).astype(jnp.float32)
-    kept_losses = jnp.where(valid, losses, 0.0)
-    kept_aovs = jnp.where(valid, aov_b, 0.0)
-    # The batch's counts and sums, in one pass over its rows; the gap's sum
-    # also of the rows scaled by 2^-GAP_SHIFT, for a sum that overflows.
-    # (Behind a barrier: as a constant, XLA may factor it out, l s - a s
-    # into (l - a) s, and l - a can overflow.)
-    shift = jax.lax.optimization_barrier(_alig.pow2(jnp.int32(-GAP_SHIFT)))
-    n, loss_sum, aov_sum, scaled_gap, num_invalid = _tables.psum(
-        _tables.batch_sums(
-            valid.astype(jnp.float32), kept_losses, kept_aovs,
-            kept_losses * shift - kept_aovs * shift,
-            (mask & ~in_range).astype(jnp.int32)), axis_name)
-    mean = _batch_mean(loss_sum - aov_sum, n)
-    grads32 = optax.tree.cast(updates, jnp.float32)
-    sq_norm = optax.tree.norm(grads32, squared=True)
+def _batch_rows(indices, mask, num_examples):
+  """(in_range, valid, safe_idx): rows in [0, N), rows that count, and
+  indices safe to read with (0 where out of range)."""
+  if jnp.iinfo(indices.dtype).bits < 32:
+    # Compared in their own dtype, narrow indices would wrap num_examples.
+    indices = indices.astype(jnp.int32)
+  # 0 <= i < N as one unsigned comparison (negatives wrap above N).
+  unsigned = jnp.dtype(f"uint{jnp.iinfo(indices.dtype).bits}")
+  in_range = indices.astype(unsigned) < num_examples
+  # int32 after the range check, so wide indices cannot wrap into range.
+  return (in_range, mask & in_range,
+          jnp.where(in_range, indices, 0).astype(jnp.int32))
 
-    # The usual case (a finite mean and ||g||^2 + eps): step_coefficients'
-    # usual case, one scalar kernel; the mean is fused into it.
-    denom = sq_norm + eps_
-    usual_step = jnp.where(
-        denom > jnp.finfo(jnp.float32).eps,
-        jnp.minimum(jnp.maximum(jnp.where(n > 0, mean, 0.0), 0.0) / denom,
-                    max_lr), 0.0)
-    # The rare case: the mean overflowed (exactly when the sum does: n >= 1
-    # in the mean), or ||g||^2 + eps is not finite: the switch's index.
-    rare_i = jnp.where(jnp.isfinite(loss_sum - aov_sum) & jnp.isfinite(denom),
-                       0, 1)
 
-    # (coefficient, scale) of the usual case, which the switch's usual branch
-    # hands back as it is: read by nothing else, XLA then gives it the
-    # switch's output buffer and the branch runs no kernel (handing back two
-    # scalars that are read later cost two copies a step).
-    usual_pair = jnp.stack([usual_step, jnp.float32(1.0)])
+def _read_aovs(s: Settings, state, idx, section, bound):
+  """The rows `idx` of (aov, aov_step), with the AOV updates still due
+  applied (``loss_estimate="last"``; ``"best_epoch"`` applies them at
+  section ends) and AOVs below the bound raised to it."""
+  dtype = state.aov.dtype
+  aov = jnp.maximum(_tables.take(state.aov, idx),
+                    jnp.asarray(bound).astype(dtype))
+  aov_step = _tables.take(state.aov_step, idx)
+  if s.config.loss_estimate == "best_epoch":
+    return aov, aov_step
+  return _aov.bring_up_to_date(
+      aov, aov_step, _tables.take(state.last_loss, idx),
+      _tables.take(state.loss_section, idx), section, bound, s.rule)
 
-    def rare(scaled_gap, grads32, sums, usual_pair):
-      # The mean gap from the scaled sum where the plain one overflows, and
-      # the step of a scaled gradient where ||g||^2 does; a batch to skip (a
-      # non-finite gap or gradient) gets a NaN coefficient.
-      del usual_pair  # (Both branches take the same operands.)
-      mean = _batch_mean(sums[0] - sums[1], n)
-      scaled_mean = _batch_mean(scaled_gap, n) * _alig.pow2(
-          jnp.int32(GAP_SHIFT))
-      gap = jnp.where(n > 0, jnp.where(jnp.isfinite(mean), mean, scaled_mean),
-                      0.0)
-      coef, scale, finite = _alig.step_coefficients(
-          gap, sq_norm, _alig.scaled_sq_norm(grads32), max_lr, eps_)
-      return jnp.stack([jnp.where(jnp.isfinite(gap) & finite, coef, jnp.nan),
-                        scale])
 
-    def usual(scaled_gap, grads32, sums, usual_pair):
-      del scaled_gap, grads32, sums
-      return usual_pair
+def _mean_gap(losses, aovs, valid, dropped, axis_name):
+  """(gap, num_dropped): mean(losses) - mean(aovs) over the valid rows (and
+  over `axis_name`), 0 with no valid row and non-finite only where a loss
+  is; and the number of `dropped` rows.
 
-    def switched(i, *operands):
-      return jax.lax.switch(i, (usual, rare), *operands)
+  One pass over the rows gives every sum, the gap's also over the rows
+  scaled by 2^-GAP_SHIFT, which stays finite where finite losses overflow
+  the plain sum.
+  """
+  kept_losses = jnp.where(valid, losses, 0.0)
+  kept_aovs = jnp.where(valid, aovs.astype(jnp.float32), 0.0)
+  # Behind a barrier: as a constant, XLA may factor it out, l s - a s into
+  # (l - a) s, and l - a can overflow.
+  shift = jax.lax.optimization_barrier(_numerics.pow2(jnp.int32(-GAP_SHIFT)))
+  n, loss_sum, aov_sum, scaled_sum, num_dropped = _tables.psum(
+      _tables.batch_sums(valid.astype(jnp.float32), kept_losses, kept_aovs,
+                         kept_losses * shift - kept_aovs * shift,
+                         dropped.astype(jnp.int32)), axis_name)
+  n = jnp.maximum(n, 1.0)  # With no valid row every sum is 0.
+  mean = (loss_sum - aov_sum) / n
+  scaled_mean = scaled_sum / n * _numerics.pow2(jnp.int32(GAP_SHIFT))
+  return jnp.where(jnp.isfinite(mean), mean, scaled_mean), num_dropped
 
-    def direct(i, *operands):
-      return jnp.where(i > 0, rare(*operands), usual_pair)
 
-    leaves = jax.tree.leaves(grads32)
-    small = (len(leaves) <= BRANCH_FREE_MAX_LEAVES
-             and sum(g.size for g in leaves) <= BRANCH_FREE_MAX_SIZE)
-    pair = jax.lax.platform_dependent(
-        rare_i, scaled_gap, grads32, (loss_sum, aov_sum), usual_pair,
-        default=switched,
-        **{platform: direct for platform in
-           (BRANCH_FREE_PLATFORMS if small else ())})
-    coef, scale = pair[0], pair[1]
-    # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-    # (The usual case's coefficient is never NaN.)
-    skip = jnp.isnan(coef)
-    # gamma: c * s (s is 1 unless gamma is below float32's normal range).
-    step_size = coef * scale
-    new_updates = jax.tree.map(
-        lambda g: jnp.where(skip, 0, (g * scale) * coef).astype(g.dtype),
-        updates)
+def _record(s: Settings, state, idx, aov, aov_step, losses, record, section):
+  """The tables with the recorded rows written: their AOVs as read (brought
+  up to date), their losses (an index repeated keeps its lowest) and the
+  section. `idx`, `aov`, `aov_step`, `losses` and `record` are every
+  replica's rows."""
+  write_idx = jnp.where(record, idx, s.config.num_examples)
+  losses = jnp.clip(losses, -s.table_max, s.table_max)
+  losses = jnp.where(losses == 0, 0.0, losses)  # -0 and +0: one value.
+  return dict(
+      aov=_tables.write(state.aov, write_idx, aov),
+      aov_step=_tables.write(state.aov_step, write_idx, aov_step),
+      last_loss=_tables.write(state.last_loss, write_idx, losses,
+                              lowest=True),
+      loss_section=_tables.write(state.loss_section, write_idx,
+                                 jnp.full(idx.shape, section, jnp.int32)))
 
-    record = valid & ~skip
-    # (A valid row's index is in range: no need of safe_idx.)
-    write_idx = _tables.gather(
-        jnp.where(record, indices, num_examples).astype(jnp.int32),
-        axis_name)
-    rec_losses = _tables.gather(jnp.clip(losses, -table_max, table_max),
-                                axis_name)
-    # An index repeated with different losses is resolved (its lowest loss
-    # written again) in the section-end cond below, which the step has
-    # anyway: a cond of its own cost the step more than its work.
-    if best_epoch:  # The epoch end reads the table: resolved at once.
-      last_loss = _tables.record(state.last_loss, write_idx, rec_losses)
-      unresolved, keep_lowest = False, lambda t: t
-    else:
-      last_loss, unresolved, keep_lowest = _tables.write_rows(
-          state.last_loss, write_idx, rec_losses)
 
-    next_count = lambda c: jnp.where(c >= count_period - 1, 0, c + 1)
-    count = jnp.where(skip, state.count, next_count(state.count))
-    new_state = state._replace(last_loss=last_loss, config=config)
-    if best_epoch:
-      rec_n = _tables.psum(jnp.sum(record, dtype=jnp.float32), axis_name)
-      rec_losses_b = jnp.where(record, losses, 0.0)
-      rec_mean = _overflow_safe_mean(
-          _tables.psum(jnp.sum(rec_losses_b), axis_name), rec_losses_b, rec_n,
-          axis_name)
-      total = state.epoch_loss_count + rec_n
-      # A convex combination of two means: no sum that could overflow.
-      new_state = new_state._replace(
-          epoch_loss_mean=(
-              state.epoch_loss_mean * (state.epoch_loss_count
-                                       / jnp.maximum(total, 1.0))
-              + rec_mean * (rec_n / jnp.maximum(total, 1.0))),
-          epoch_loss_count=total)
-      new_state = jax.lax.cond(~skip & (count % steps_per_epoch == 0),
-                               _aov.end_epoch, lambda s: s, new_state)
-    # The only O(N) work, run once a section (after resolving the record).
-    # (A skipped batch records nothing and ends no section.)
-    section_end = ~skip & (count % steps_per_section == 0)
+def _epoch_mean(state, losses, record, axis_name):
+  """``best_epoch``: the running (epoch_loss_mean, epoch_loss_count) with
+  this replica's recorded losses (and every other's, over `axis_name`)
+  added, as a convex combination of two means: no sum that could overflow."""
+  kept = jnp.where(record, losses, 0.0)
+  n = _tables.psum(jnp.sum(record, dtype=jnp.float32), axis_name)
+  mean = _tables.psum(jnp.sum(kept), axis_name) / jnp.maximum(n, 1.0)
+  mean = jnp.where(jnp.isfinite(mean), mean, _tables.psum(
+      jnp.sum(kept / jnp.maximum(n, 1.0)), axis_name))
+  count = state.epoch_loss_count + n
+  share = lambda k: k / jnp.maximum(count, 1.0)
+  return (state.epoch_loss_mean * share(state.epoch_loss_count)
+          + mean * share(n)), count
 
-    # What the section end and the record's rewrite change: the tables, and
-    # scalars (not the packed leaves, which a cond would pass through and
-    # XLA then copy at every step).
-    changed = ("aov", "aov_step", "last_loss", "best_loss", "num_sections",
-               "reached_fraction") + (("best_epoch_mean",) if best_epoch
-                                      else ())
-    changes = lambda s: {name: getattr(s, name) for name in changed}
 
-    def resolve_and_end_section(s):
-      s = s._replace(last_loss=keep_lowest(s.last_loss))
-      s = jax.lax.cond(section_end,
-                       lambda s: _aov.end_section(s, bound, rule),
-                       lambda s: s, s)
-      return changes(s)
+def step(s: Settings, grads, state, losses, indices, mask) -> StepResult:
+  """One AALIG step: the step size, and the state with the batch recorded."""
+  c = s.config
+  _state.check_state_fits(state, c, s.axis_name)
+  losses, indices, mask = _checks.check_batch(losses, indices, mask,
+                                              c.num_examples)
+  losses = losses.astype(jnp.float32)
+  max_lr, eps, bound, clipped = _hyperparameters(s)
+  in_range, valid, idx = _batch_rows(indices, mask, c.num_examples)
+  section = _aov.current_section(state.count, c)
 
-    new_state = new_state._replace(**jax.lax.cond(
-        section_end | unresolved, resolve_and_end_section, changes,
-        new_state))
-    # The step's counters and step size: one kernel for each packed leaf,
-    # each entry a function of its old value (so written in place).
-    new_state = new_state._replace(
-        count=lambda c: jnp.where(skip, c, next_count(c)),
-        step_size=lambda s: jnp.where(skip, s, step_size),
-        num_invalid=lambda c: saturating_add(c, num_invalid),
-        num_skipped=lambda c: saturating_add(c, skip),
-        # Unchanged, with no op in the program, unless a value was injected.
-        **({} if clipped is False else
-           {"num_clipped": lambda c: saturating_add(c, clipped)}))
-    return new_updates, new_state, skip, clipped
+  # Every replica's rows, brought up to date: what this step writes.
+  gather = lambda x: _tables.gather(x, s.axis_name)
+  all_idx, all_valid, all_losses = gather(idx), gather(valid), gather(losses)
+  aov, aov_step = _read_aovs(s, state, all_idx, section, bound)
+  own_aov = aov if s.axis_name is None else _read_aovs(
+      s, state, idx, section, bound)[0]
 
-  def update_fn(updates, state, params=None, *, losses=None, indices=None,
-                mask=None, **extra_args):
-    del params, extra_args
-    new_updates, new_state, _, _ = step(updates, state, losses, indices, mask)
-    return new_updates, new_state
+  gap, num_dropped = _mean_gap(losses, own_aov, valid, mask & ~in_range,
+                               s.axis_name)
+  sq_norm = _numerics.sq_norm_or_nan(optax.tree.cast(grads, jnp.float32))
+  # A non-finite loss or gradient skips the batch: no step, nothing recorded.
+  skipped = ~jnp.isfinite(gap) | jnp.isnan(sq_norm)
+  gamma = jnp.where(skipped, 0.0,
+                    _numerics.polyak_step_size(gap, sq_norm, max_lr, eps))
+  overflowed = ~skipped & ~jnp.isfinite(sq_norm + eps)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn), step
+  record = all_valid & ~skipped
+  tables = _record(s, state, all_idx, aov, aov_step, all_losses, record,
+                   section)
+  count = jnp.where(skipped, state.count,
+                    jnp.where(state.count >= s.count_period - 1, 0,
+                              state.count + 1))
+  section_end = ~skipped & (count % c.steps_per_section == 0)
+  new = state._replace(
+      **tables, count=count, config=c,
+      step_size=jnp.where(skipped, state.step_size, gamma),
+      lower_bound=(state.lower_bound if not isinstance(bound, jax.Array)
+                   else bound.astype(jnp.float32)),
+      num_sections=saturating_add(state.num_sections, section_end),
+      num_invalid=saturating_add(state.num_invalid, num_dropped),
+      num_skipped=saturating_add(state.num_skipped, skipped),
+      num_overflows=saturating_add(state.num_overflows, overflowed),
+      num_clipped=(state.num_clipped if clipped is False
+                   else saturating_add(state.num_clipped, clipped)))
+  if c.loss_estimate == "best_epoch":
+    mean, n = _epoch_mean(state, losses, valid & ~skipped, s.axis_name)
+    new = new._replace(epoch_loss_mean=mean, epoch_loss_count=n)
+    new = jax.lax.cond(
+        ~skipped & (count % c.steps_per_epoch == 0),
+        lambda t: _aov.end_epoch(t, section_end, section, bound, s.rule),
+        lambda t: t, new)
+  return StepResult(gamma, new, skipped, clipped)

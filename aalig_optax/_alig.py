@@ -10,99 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from aalig_optax import _checks
-
-
-def pow2(e):
-  """2.0**e in float32 for an int32 e in [-126, 127], built from its exponent
-  bits: exact, and a few integer ops (`jnp.ldexp` traces some eighty)."""
-  return jax.lax.bitcast_convert_type(
-      jax.lax.shift_left(e + 127, jnp.int32(23)), jnp.float32)
-
-
-F32_MAX = float(jnp.finfo(jnp.float32).max)
-
-
-def cap_max_learning_rate(max_learning_rate):
-  """The step size's upper bound, at most float32's largest value.
-
-  A step size is a float32: uncapped (inf), gap / (||g||^2 + eps) can
-  overflow to inf, and inf * g is NaN where g is 0. A Python or NumPy
-  number is capped here (a constant of the program); an injected one in
-  the program.
-  """
-  if isinstance(max_learning_rate, jax.Array):
-    return jnp.minimum(max_learning_rate.astype(jnp.float32), F32_MAX)
-  return min(float(max_learning_rate), F32_MAX)
-
-
-# Where ||g||^2 + eps overflows float32, the step is computed from
-# ||2^-NORM_SHIFT g||^2, which stays finite for any finite g of up to 2^71
-# entries (each term is at most 2^56). The terms it flushes to zero
-# (< 2^-126 each) are then below float32's rounding of it for up to 2^30
-# entries.
-NORM_SHIFT = 100
-
-
-def scaled_sq_norm(grads32):
-  """||2^-NORM_SHIFT g||^2 of a float32 gradient (a power of two: exact)."""
-  # Behind a barrier: as a constant, XLA rewrites (s g)^2 as g^2 s^2, whose
-  # g^2 overflows and s^2 is 0.
-  scale = jax.lax.optimization_barrier(pow2(jnp.int32(-NORM_SHIFT)))
-  return optax.tree.norm(optax.tree.scale(scale, grads32), squared=True)
-
-
-def scaled_sq_norm_if_needed(denom, grads32):
-  """:func:`scaled_sq_norm` where ||g||^2 + eps (`denom`) is not finite,
-  else 0: the gradient is read again only in that rare case (a branch)."""
-  return jax.lax.cond(jnp.isfinite(denom), lambda g: jnp.float32(0),
-                      scaled_sq_norm, grads32)
-
-
-def step_coefficients(gap, sq_norm, scaled_sq_norm, max_learning_rate, eps):
-  """(c, s, finite): the update gamma g of the Polyak step size
-  gamma = clip(gap / (||g||^2 + eps), 0, max_learning_rate), as c (s g).
-
-  Usually s = 1 and c = gamma (zero where ||g||^2 + eps is at or below
-  float32's machine epsilon, as in optax's SPS+). When ||g||^2 + eps
-  overflows float32 though g is finite, gamma is computed for s g with
-  s = 2^-e, e = NORM_SHIFT + floor(log2 ||2^-NORM_SHIFT g||^2) / 2 (so
-  ||s g||^2 lies in [1, 4) unless e is clipped): c = gamma / s. Then
-  gap s, and so c, is at least the update's largest entry, so c stays
-  normal wherever the update is. Where gamma itself is a normal number the
-  result is (gamma, 1) again, so that entries of g far below its norm are
-  not scaled out of float32's range. Both cases share their ops (one
-  division), with no branch. `finite` says whether g is finite (a finite
-  ||g||^2 + eps means it is; otherwise the scaled sum says).
-
-  Args:
-    gap: the loss gap (finite, or the caller discards c).
-    sq_norm: ||g||^2.
-    scaled_sq_norm: ||2^-NORM_SHIFT g||^2 (:func:`scaled_sq_norm`), used
-      only where `sq_norm` + `eps` is not finite.
-    max_learning_rate: the step size's upper bound.
-    eps: added to ||g||^2 (at most float32's largest value).
-  """
-  usual_denom = sq_norm + eps
-  overflow = ~jnp.isfinite(usual_denom)
-  # floor(log2 r) from r's exponent bits (r >= 0), then e such that
-  # r 2^(2 NORM_SHIFT - 2e) = ||s g||^2 lies in [1, 4); at least 64 where
-  # ||g||^2 overflows, and clipped so that both powers of two stay normal.
-  log_r = jax.lax.shift_right_arithmetic(
-      jax.lax.bitcast_convert_type(scaled_sq_norm, jnp.int32),
-      jnp.int32(23)) - 127
-  e = jnp.clip(NORM_SHIFT + jax.lax.shift_right_arithmetic(
-      log_r, jnp.int32(1)), 64, 126)
-  s = jnp.where(overflow, pow2(-e), 1.0)
-  denom = jnp.where(overflow,
-                    scaled_sq_norm * pow2(2 * NORM_SHIFT - 2 * e)
-                    + (eps * s) * s, usual_denom)
-  c = jnp.minimum(jnp.maximum(gap, 0.0) * s / denom,
-                  max_learning_rate * jnp.where(overflow, pow2(e), 1.0))
-  c = jnp.where(denom > jnp.finfo(jnp.float32).eps, c, 0.0)
-  gamma = c * s
-  normal = gamma >= jnp.finfo(jnp.float32).tiny
-  return (jnp.where(normal, gamma, c), jnp.where(normal, 1.0, s),
-          ~overflow | jnp.isfinite(scaled_sq_norm))
+from aalig_optax import _numerics
 
 
 def momentum_or_identity(momentum):
@@ -137,8 +45,9 @@ def scale_by_alig(
 
   with :math:`f` the batch loss given as the keyword ``value`` (optax's
   convention, as in ``optax.polyak_sgd``) and :math:`B` its lower bound. A
-  non-finite `value` or gradient gives a zero step size; a finite gradient
-  whose squared norm overflows float32 gets the step the finite maths gives.
+  non-finite `value` or gradient gives a zero step size, and so does a
+  finite gradient whose squared norm overflows float32 (the exact step is
+  then below float32's resolution of any parameter).
 
   Args:
     max_learning_rate: the maximal step size :math:`\eta` (> 0; ``inf``
@@ -183,16 +92,15 @@ def scale_by_alig(
           f"value must be the scalar batch loss, got shape {value.shape}; "
           "pass the mean of the per-example losses.")
     gap = value.astype(jnp.float32) - jnp.asarray(lower_bound, jnp.float32)
-    grads32 = optax.tree.cast(updates, jnp.float32)
-    sq_norm = optax.tree.norm(grads32, squared=True)
-    coef, scale, finite = step_coefficients(
-        gap, sq_norm, scaled_sq_norm_if_needed(sq_norm + eps, grads32),
-        cap_max_learning_rate(max_learning_rate), eps)
+    sq_norm = _numerics.sq_norm_or_nan(optax.tree.cast(updates, jnp.float32))
     # A non-finite loss or gradient gives a zero step.
-    coef = jnp.where(finite & jnp.isfinite(gap), coef, 0.0)
-    step_size = coef * scale
+    step_size = jnp.where(
+        jnp.isfinite(gap) & ~jnp.isnan(sq_norm),
+        _numerics.polyak_step_size(
+            gap, sq_norm, _numerics.cap_max_learning_rate(max_learning_rate),
+            eps), 0.0)
     updates = jax.tree.map(
-        lambda g: jnp.where(coef > 0, (g * scale) * coef, 0).astype(g.dtype),
+        lambda g: jnp.where(step_size > 0, g * step_size, 0).astype(g.dtype),
         updates)
     return updates, ScaleByAligState(
         count=optax.safe_int32_increment(state.count), step_size=step_size)

@@ -1,13 +1,14 @@
-"""AALIG's AOV update at section ends, and the best-epoch bookkeeping."""
+"""AALIG's AOV rules, the updates still due, and the best-epoch bookkeeping."""
 
 from __future__ import annotations
 
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 
+from aalig_optax._state import AaligConfig
 from aalig_optax._state import ScaleByAaligState
+from aalig_optax._state import the_aalig_arrays
 
 
 def _new_steps(a, d, lo, dtype):
@@ -175,65 +176,108 @@ def resolve_rule(aov_rule):
       f"aov_rule={aov_rule!r}.")
 
 
-def _count_reached_and_seen(estimate, aov):
-  """(#{estimate <= aov}, #{estimate not NaN}) in one variadic reduction.
+def apply_rule(rule, aov, aov_step, estimate, lower_bound, due):
+  """`rule`'s new (aov, aov_step) where `due`, the old entries elsewhere.
 
-  One pass over both tables, with the comparisons fused into it: two
-  `jnp.sum`s of converted masks would each be split by XLA:CPU into a
-  parallel reduce-window whose int32 [N] operand is materialised, and the
-  temporary buffer of a program (allocated at every call, whichever branch
-  of the section-end `cond` runs) would grow with N.
+  The rule sees a NaN estimate where no update is due: this package's rules
+  then leave the row as it is (and XLA can write both tables in place).
+  Other rules' output is kept only where due, so that a rule that does not
+  expect the NaN estimate of a never-seen example changes nothing for it.
+  Raises a ValueError naming `aov_rule` when the rule does not return two
+  arrays of its input's shape.
   """
-  reached = (aov >= estimate).astype(jnp.int32)
-  seen = (~jnp.isnan(estimate)).astype(jnp.int32)
-  zero = jnp.zeros([], jnp.int32)
-  return jax.lax.reduce((reached, seen), (zero, zero),
-                        lambda x, y: (x[0] + y[0], x[1] + y[1]), (0,))
+  estimate = jnp.where(due, estimate, jnp.nan)
+  out = rule(aov, aov_step, estimate, lower_bound)
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    got = type(out).__name__
+    if isinstance(out, (tuple, list)):
+      got += f" of length {len(out)}"
+    raise ValueError(
+        f"aov_rule must return a pair (aov, aov_step), got a {got}.")
+  new = []
+  for name, value, old in (("aov", out[0], aov), ("aov_step", out[1],
+                                                  aov_step)):
+    if jnp.shape(value) != old.shape:
+      raise ValueError(
+          f"aov_rule returned {name} of shape {jnp.shape(value)}, expected "
+          f"{old.shape}: a rule maps each example's entries to new ones.")
+    value = jnp.asarray(value).astype(old.dtype)
+    if rule not in AOV_RULES.values():
+      value = jnp.where(due, value, old)
+    new.append(value)
+  return tuple(new)
 
 
-def end_epoch(state: ScaleByAaligState) -> ScaleByAaligState:
-  """``loss_estimate="best_epoch"``: keeps this epoch's losses if its mean is
-  the section's lowest so far (an empty epoch never is), then starts a new
-  epoch mean."""
+def current_section(count, config: AaligConfig):
+  """The section a step with this `count` belongs to."""
+  # (count >= 0: a plain division, one op where // is three.)
+  return jax.lax.div(count, jnp.asarray(config.steps_per_section, count.dtype))
+
+
+def bring_up_to_date(aov, aov_step, last_loss, loss_section, section,
+                     lower_bound, rule):
+  """Rows with their AOV updates applied, for ``loss_estimate="last"``.
+
+  A row whose loss was recorded in an earlier section than `section` has the
+  update of that section's end still due: `rule`, once, with the recorded
+  loss as the estimate. Element-wise: it runs on a batch's rows or on the
+  whole table.
+  """
+  due = ~jnp.isnan(last_loss) & (loss_section != section)
+  return apply_rule(rule, aov, aov_step, last_loss, lower_bound, due)
+
+
+def current_aovs(state) -> tuple[chex.Array, chex.Array]:
+  """The AOV tables with every update still due applied: O(N), on request.
+
+  A step brings only its batch's rows up to date (the AOV update of a
+  section's end is applied to an example's row when the example is next
+  read), so `state.aov` may still hold, for examples not read since the last
+  section end, the AOVs from before it. This returns the tables as the
+  section ends have made them.
+
+  Args:
+    state: any optimiser state holding one :class:`ScaleByAaligState`.
+
+  Returns:
+    ``(aov, aov_step)``, each of shape [N] in the table dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from aalig_optax import current_aovs, scale_by_aalig
+    >>> tx = scale_by_aalig(0.1, num_examples=3, steps_per_epoch=1,
+    ...                     epochs_per_section=1)
+    >>> _, state = tx.update(jnp.ones(2), tx.init(None),
+    ...                      losses=jnp.array([2.0]), indices=jnp.array([1]))
+    >>> state.aov.tolist(), current_aovs(state)[0].tolist()
+    ([0.0, 0.0, 0.0], [0.0, 1.0, 0.0])
+  """
+  s = the_aalig_arrays(state)
+  if s.config.loss_estimate == "best_epoch":
+    return s.aov, s.aov_step  # Updated at section ends (see end_epoch).
+  return bring_up_to_date(
+      s.aov, s.aov_step, s.last_loss, s.loss_section,
+      current_section(s.count, s.config), s.lower_bound,
+      resolve_rule(s.config.aov_rule))
+
+
+def end_epoch(state: ScaleByAaligState, section_end, section, lower_bound,
+              rule) -> ScaleByAaligState:
+  """``loss_estimate="best_epoch"`` at an epoch end: keeps this epoch's
+  losses if its mean is the section's lowest so far (an empty epoch never
+  is); at a section end (`section_end`, the end of `section`) also moves the
+  AOVs of the examples recorded in that section, by `rule` with those
+  losses. O(N), once an epoch."""
   improved = ((state.epoch_loss_count > 0)
               & (state.epoch_loss_mean < state.best_epoch_mean))
+  best_loss = jnp.where(improved, state.last_loss, state.best_loss)
+  best_mean = jnp.where(improved, state.epoch_loss_mean,
+                        state.best_epoch_mean)
+  due = section_end & ~jnp.isnan(best_loss) & (state.loss_section == section)
+  aov, aov_step = apply_rule(rule, state.aov, state.aov_step, best_loss,
+                             lower_bound, due)
   return state._replace(
-      best_loss=jnp.where(improved, state.last_loss, state.best_loss),
-      best_epoch_mean=jnp.where(improved, state.epoch_loss_mean,
-                                state.best_epoch_mean),
+      aov=aov, aov_step=aov_step, best_loss=best_loss,
+      best_epoch_mean=jnp.where(section_end, jnp.inf, best_mean),
       epoch_loss_mean=jnp.zeros_like(state.epoch_loss_mean),
       epoch_loss_count=jnp.zeros_like(state.epoch_loss_count))
-
-
-def end_section(state: ScaleByAaligState, lower_bound: chex.Numeric,
-                rule=update_aovs) -> ScaleByAaligState:
-  """Moves every seen AOV by `rule` (:func:`update_aovs` by default): the only
-  O(N) work."""
-  best_epoch = state.best_loss is not None
-  estimate = state.best_loss if best_epoch else state.last_loss
-  # Two independent reductions straight from the tables (NaN compares False).
-  num_reached, num_seen = _count_reached_and_seen(estimate, state.aov)
-  # The bound, made to depend on the counts (num_seen is never negative):
-  # the reduction that reads the old AOVs is then ordered before the fusion
-  # that overwrites them, so that XLA updates the table in place rather than
-  # copying it at every step.
-  bound = jnp.where(num_seen >= 0, jnp.asarray(lower_bound, jnp.float32),
-                    jnp.nan)
-  aov, aov_step = rule(state.aov, state.aov_step, estimate, bound)
-  for name, new, old in (("aov", aov, state.aov),
-                         ("aov_step", aov_step, state.aov_step)):
-    if jnp.shape(new) != old.shape:
-      raise ValueError(
-          f"aov_rule returned {name} of shape {jnp.shape(new)}, expected "
-          f"{old.shape}: a rule maps each example's entries to new ones.")
-  aov, aov_step = aov.astype(state.aov.dtype), aov_step.astype(
-      state.aov_step.dtype)
-  state = state._replace(
-      aov=aov, aov_step=aov_step,
-      reached_fraction=(num_reached.astype(jnp.float32)
-                        / jnp.maximum(num_seen, 1).astype(jnp.float32)),
-      num_sections=optax.safe_int32_increment(state.num_sections))
-  if best_epoch:
-    state = state._replace(
-        best_epoch_mean=jnp.full_like(state.best_epoch_mean, jnp.inf))
-  return state

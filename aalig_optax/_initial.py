@@ -58,11 +58,19 @@ def initial_table(initial_aov, params, num_examples: int, lower_bound,
   if initial_aov is None:
     return jnp.full((num_examples,), lower_bound, dtype)
   if callable(initial_aov):
-    values = jnp.asarray(initial_aov(params))
+    values = initial_aov(params)
+    try:
+      values = jnp.asarray(values)
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+          "initial_aov, a callable, must return the AOV table (an array of "
+          f"shape ({num_examples},) or a scalar), got {values!r}.") from e
     _check_shape(values, num_examples)
     _check_values(values, lower_bound, table_max)
-  else:  # Checked when the transform was built (check_initial_aov).
-    values = jnp.asarray(initial_aov)
+  elif isinstance(initial_aov, jax.Array):
+    values = initial_aov
+  else:  # Through float64, so that no wide integer wraps into int32.
+    values = np.asarray(initial_aov, np.float64)
   # Traced values cannot be checked: kept within [lower_bound, table max],
   # NaN read as the lower bound (an AOV that is never above the truth).
   bound = jnp.asarray(lower_bound, jnp.float32)
@@ -132,6 +140,9 @@ def loss_table(
     "Distilling the Knowledge in a Neural Network", 2015.
   """
   num_examples = _checks.static_positive_int("num_examples", num_examples)
+  if fill_value is not None and not np.isfinite(fill_value):
+    raise ValueError(
+        f"fill_value must be finite (AOVs are), got fill_value={fill_value!r}.")
   fn = jax.jit(loss_fn) if jit else loss_fn
   table = np.full(num_examples, np.inf, np.float64)
   seen = np.zeros(num_examples, bool)
@@ -141,6 +152,10 @@ def loss_table(
           "batches must yield (batch, indices) or (batch, indices, mask), "
           f"got {type(item).__name__} at batch {k}.")
     batch, indices = item[0], np.asarray(item[1]).reshape(-1)
+    if not np.issubdtype(indices.dtype, np.integer):
+      raise ValueError(
+          f"batch {k}: indices must be integers (dataset positions), got "
+          f"dtype {indices.dtype}.")
     mask = (np.ones(indices.shape, bool) if len(item) == 2
             else np.asarray(item[2], bool).reshape(-1))
     losses = np.asarray(fn(params, batch), np.float64)

@@ -7,11 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from aalig_optax._state import I32_MAX
+from aalig_optax._aov import current_aovs
+from aalig_optax._state import the_aalig_arrays
 from aalig_optax._state import the_aalig_state
 
 
 def aalig_metrics(state) -> dict[str, jax.Array]:
   """The quantities the paper plots, read from an optimiser state for logging.
+
+  O(num_examples): it reads the whole tables (:func:`current_aovs`), so call
+  it once an epoch or so, not in the train step.
 
   Args:
     state: any optimiser state holding one :class:`ScaleByAaligState`
@@ -19,13 +24,16 @@ def aalig_metrics(state) -> dict[str, jax.Array]:
 
   Returns:
     A dict of scalar arrays: ``step_size`` (gamma of the last step),
-    ``mean_aov`` (over all examples), ``reached_fraction`` (share of seen
-    examples whose AOV was reached at the last section end, NaN before the
-    first), ``mean_gap`` (mean of last recorded loss minus AOV over the
-    examples seen, NaN before any), ``sections_done`` and ``num_invalid``
-    (rows dropped for an out-of-range index). A negative ``mean_gap`` with
-    ``step_size`` 0 means the AOVs overshot the losses and training has
-    stopped (the paper's rule can freeze so; ``aov_rule="reflect"`` cannot).
+    ``mean_aov`` (over all examples, with every AOV update due applied),
+    ``mean_gap`` (mean of last recorded loss minus AOV over the examples
+    seen, NaN before any), ``reached_fraction`` (share of the seen examples
+    whose last recorded loss is at or below the AOV it is compared with at
+    the end of its section: the share their AOV updates find reached, NaN
+    before any example is seen), ``sections_done``, and the counters
+    ``num_invalid``, ``num_skipped``, ``num_overflows``, ``num_clipped``. A
+    negative ``mean_gap`` with ``step_size`` 0 means the AOVs overshot the
+    losses and training has stopped (the paper's rule can freeze so;
+    ``aov_rule="reflect"`` cannot).
 
   Example:
     >>> import jax.numpy as jnp
@@ -34,18 +42,24 @@ def aalig_metrics(state) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in aalig_metrics(state).items()}["mean_aov"]
     0.0
   """
-  s = the_aalig_state(state)
+  s = the_aalig_arrays(state)
+  aov, _ = current_aovs(s)
   last = s.last_loss.astype(jnp.float32)
   seen = ~jnp.isnan(last)
-  gap = jnp.where(seen, last - s.aov.astype(jnp.float32), 0.0)
+  num_seen = jnp.where(seen.any(), jnp.sum(seen), jnp.nan)
+  gap = jnp.where(seen, last - aov.astype(jnp.float32), 0.0)
+  # The AOV each loss is compared with at its section's end: the stored one
+  # (an update due has not been applied to it yet).
+  reached = seen & (last <= s.aov.astype(jnp.float32))
   return dict(
       step_size=s.step_size,
-      mean_aov=jnp.mean(s.aov.astype(jnp.float32)),
-      mean_gap=jnp.sum(gap) / jnp.where(seen.any(), jnp.sum(seen), jnp.nan),
-      reached_fraction=s.reached_fraction,
+      mean_aov=jnp.mean(aov.astype(jnp.float32)),
+      mean_gap=jnp.sum(gap) / num_seen,
+      reached_fraction=jnp.sum(reached) / num_seen,
       sections_done=s.num_sections,
       num_invalid=s.num_invalid,
       num_skipped=s.num_skipped,
+      num_overflows=s.num_overflows,
       num_clipped=s.num_clipped,
   )
 

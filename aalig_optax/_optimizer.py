@@ -10,10 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from aalig_optax import _aalig
 from aalig_optax import _alig
 from aalig_optax import _checks
-from aalig_optax._aalig import _scale_by_aalig
 from aalig_optax._state import saturating_add
+
+# The arguments of `aalig` (and `scale_by_aalig`) that are not numbers: give
+# them as `static_args` to `optax.inject_hyperparams`, which otherwise takes
+# a callable for a schedule and an array for a hyperparameter to inject.
+STATIC_ARGS = ("num_examples", "steps_per_epoch", "epochs_per_section",
+               "loss_estimate", "table_dtype", "axis_name", "aov_rule",
+               "initial_aov")
 
 # The largest float32 below 1: an injected momentum is clipped to it.
 _MAX_MOMENTUM = float(np.nextafter(np.float32(1), np.float32(0)))
@@ -98,7 +105,7 @@ def aalig(
   """
   _checks.check_momentum(momentum)
   _checks.check_non_negative("weight_decay", weight_decay)
-  core, core_step = _scale_by_aalig(
+  settings = _aalig.make_settings(
       max_learning_rate, num_examples, steps_per_epoch, epochs_per_section,
       lower_bound=lower_bound, eps=eps, loss_estimate=loss_estimate,
       table_dtype=table_dtype, axis_name=axis_name, aov_rule=aov_rule,
@@ -108,46 +115,44 @@ def aalig(
   has_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
   def init_fn(params):
-    return core.init(params), trace.init(params)
+    return _aalig.init(settings, params), trace.init(params)
 
   def update_fn(updates, state, params=None, *, losses=None, indices=None,
                 mask=None, **extra_args):
     del extra_args
     core_state, trace_state = state
-    grads = updates
-    updates, new_core, skipped, core_clipped = core_step(
-        updates, core_state, losses, indices, mask)
+    out = _aalig.step(settings, updates, core_state, losses, indices, mask)
+    skipped, new_core = out.skipped, out.state
     # Injected values outside [0, 1) and [0, inf) are clipped, and counted
     # once a step with the core's own.
     mu, bad_mu = _checks.clip_injected(momentum, 0.0, _MAX_MOMENTUM, 0.0)
     wd, bad_wd = _checks.clip_injected(weight_decay, 0.0, jnp.inf, 0.0)
     bad = bad_mu | bad_wd
     if bad is not False:  # Only where a value was injected.
-      if core_clipped is not False:
-        bad = bad & ~core_clipped
-      # As a function of the old count: written in place (see _state).
+      if out.clipped is not False:
+        bad = bad & ~out.clipped
       new_core = new_core._replace(
-          num_clipped=lambda c: saturating_add(c, bad))
-    # A batch the core skipped must move nothing. The core's update is then
-    # zero, so a decay of 1 keeps the momentum buffer as it was; arithmetic,
+          num_clipped=saturating_add(new_core.num_clipped, bad))
+    scaled = _aalig.scale_updates(updates, out)
+    # A batch the core skipped must move nothing. Its update is then zero,
+    # so a decay of 1 keeps the momentum buffer as it was: arithmetic,
     # not a select between old and new buffers, which would make XLA copy
     # the donated buffer at every step.
     if has_momentum:
       decay = jnp.where(skipped, 1.0, mu)
       # optax.trace(momentum, nesterov=True), with that decay.
       new_trace = jax.tree.map(
-          lambda g, t: g + decay.astype(t.dtype) * t, updates,
-          trace_state.trace)
-      updates = jax.tree.map(lambda g, t: g + mu * t, updates, new_trace)
+          lambda g, t: g + decay.astype(t.dtype) * t,
+          scaled, trace_state.trace)
+      scaled = jax.tree.map(lambda g, t: g + mu * t, scaled, new_trace)
       trace_state = optax.TraceState(trace=new_trace)
     if has_decay:
       if params is None:
         raise ValueError("aalig with weight_decay > 0 needs params in update.")
-      updates = optax.tree.add_scale(
-          updates, new_core.step_size * wd, params)
+      scaled = optax.tree.add_scale(scaled, out.step_size * wd, params)
     updates = jax.tree.map(
-        lambda u, g: jnp.where(skipped, 0, -u).astype(g.dtype), updates,
-        grads)
+        lambda u, g: jnp.where(skipped, 0, -u).astype(g.dtype), scaled,
+        updates)
     return updates, (new_core, trace_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

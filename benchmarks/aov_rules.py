@@ -173,7 +173,9 @@ class Runner:
     vm = np.asarray(vm)
     zero_curve = np.stack(zero_curve)  # [epochs, configs]
     last = max(1, ctx.epochs_per_section)
-    core = opt_state[0]
+    reached = jax.vmap(
+        lambda s: aalig_optax.aalig_metrics(s)["reached_fraction"])(
+            opt_state[0])
     return [{
         "lr": float(lr), "seed": int(seed),
         "train_loss": [float(t[i]) for t in train_curve],
@@ -181,7 +183,7 @@ class Runner:
         "val_metric": float(vm[i]),
         "zero_share": float(zero_curve[:, i].mean()),
         "zero_share_last": float(zero_curve[-last:, i].mean()),
-        "reached_fraction": float(core.reached_fraction[i]),
+        "reached_fraction": float(reached[i]),
     } for i, (lr, seed) in enumerate(configs)]
 
 

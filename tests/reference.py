@@ -33,6 +33,7 @@ class NumpyAalig:
     self.best_loss = [math.nan] * num_examples
     self.epoch_losses = []
     self.best_epoch_mean = math.inf
+    self.recorded = set()  # examples recorded in the current section
     self.v = None
     self.t = 0
     self.step_sizes = []
@@ -58,6 +59,7 @@ class NumpyAalig:
       written[i] = min(l, written.get(i, math.inf))
     for i, l in written.items():
       self.last_loss[i] = l
+      self.recorded.add(i)
     self.epoch_losses.extend(l for l, _ in rows)
     # Momentum form of the released code; weight decay outside the buffer.
     w = np.asarray(w, np.float64)
@@ -80,11 +82,15 @@ class NumpyAalig:
       self.best_epoch_mean = math.inf
     return w
 
-  def section_end(self, estimate):
-    for z in range(self.n):
+  def section_end(self, estimate, examples=None):
+    """Moves the AOVs of `examples` (those recorded in the section, by
+    default), each by its estimate."""
+    if examples is None:
+      examples, self.recorded = sorted(self.recorded), set()
+    for z in examples:
       l = estimate[z]
       if math.isnan(l):
-        continue  # never seen: unchanged
+        continue  # no estimate: unchanged
       if l <= self.aov[z]:  # reached
         self.aov[z] = max(self.aov[z] - self.aov_step[z] / 2, self.b_low)
       else:
@@ -98,5 +104,5 @@ def numpy_update_aovs(aov, aov_step, estimate, lower_bound):
   ref = NumpyAalig(1.0, len(aov), 1, 1, lower_bound=lower_bound)
   ref.aov = [float(a) for a in aov]
   ref.aov_step = [float(d) for d in aov_step]
-  ref.section_end([float(l) for l in estimate])
+  ref.section_end([float(l) for l in estimate], examples=range(len(aov)))
   return np.array(ref.aov), np.array(ref.aov_step)

@@ -329,7 +329,6 @@ def _record(s: Settings, state, idx, aov, aov_step, losses, record, section):
   replica's rows."""
   write_idx = jnp.where(record, idx, s.config.num_examples)
   losses = jnp.clip(losses, -s.table_max, s.table_max)
-  losses = jnp.where(losses == 0, 0.0, losses)  # -0 and +0: one value.
   return dict(
       aov=_tables.write(state.aov, write_idx, aov),
       aov_step=_tables.write(state.aov_step, write_idx, aov_step),

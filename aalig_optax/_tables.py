@@ -13,9 +13,10 @@ def write(table, write_idx, values, lowest=False):
 
   With `lowest`, an index that several rows write keeps their lowest value:
   a scatter-set (which keeps one of them, XLA does not say which) followed
-  by a scatter-min of the same rows, O(B) and branch-free. Rows that write
-  one index the same value (the AOV rows of a repeated example) need no
-  `lowest`.
+  by a scatter-min of the same rows, O(B) and branch-free. The values must
+  not be NaN (a recorded loss never is), and -0 is written as +0, so that
+  the bits kept do not depend on the rows' order. Rows that write one index
+  the same value (the AOV rows of a repeated example) need no `lowest`.
 
   On a mesh with Explicit axes (the table's, else the batch's), the
   batch-sized `write_idx` and `values` are first replicated on that mesh,
@@ -24,6 +25,8 @@ def write(table, write_idx, values, lowest=False):
   without a table-sized collective.
   """
   values = values.astype(table.dtype)
+  if lowest:
+    values = jnp.where(values == 0, jnp.zeros_like(values), values)
   meshes = [_explicit_mesh(a) for a in (table, write_idx, values)]
   mesh = next((m for m in meshes if m is not None), None)
   write_idx = _replicate_on(write_idx, mesh)

@@ -202,6 +202,19 @@ def test_repo_digests_match_the_offline_copies():
     assert download.KNOWN_SHA256[name] == digest, name
 
 
+def test_readme_lists_the_offline_copies_digests():
+  # examples/README.md tells users the digests of the offline copies; they
+  # must be the ones the code knows.
+  import re
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "examples"
+            / "README.md").read_text()
+  rows = dict(re.findall(r"\| `([^`]+)` \|[^|]*\| `([0-9a-f]{64})` \|",
+                         readme))
+  pinned = {name: digest for name, digest in download.KNOWN_SHA256.items()
+            if digest and not name.endswith("-ubyte.gz")}
+  assert rows == pinned
+
+
 def test_network_failure_names_file_url_and_data_dir(offline):
   data_dir, cache, calls = offline
   with pytest.raises(download.DataUnavailableError) as err:

@@ -114,7 +114,7 @@ def test_optimizer_part_kernel_count_stays_bounded():
   # branch also resolves repeated indices: a cond of its own cost ~8 us).
   # (One cond for both, with the overflow's switch nested in it, made the
   # tiny model's step 1.08-1.22x slower: the update then waits for the
-  # record; benchmarks/results/lean_step.md.)
+  # record; studies/step_cost/README.md.)
   assert "sort" not in ours and ours.get("conditional", 0) <= 2, ours
 
 

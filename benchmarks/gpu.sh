@@ -7,8 +7,9 @@
 #
 # OUT_DIR receives results.json, README.md and overhead.png (the overhead part
 # of `python -m benchmarks.run --scale paper`: more rounds than the CPU scale),
-# lean_step_b64.json (`python -m benchmarks.lean_step`: issue 13's tiny model, with
-# BASELINE_CHECKOUT's AALIG timed in the same process when given) and gpu.log.
+# lean_step_b64.json (`python -m studies.step_cost.lean_step`, the step-cost
+# study's tiny model, with BASELINE_CHECKOUT's AALIG timed in the same process
+# when given) and gpu.log.
 # Each stage has a time limit, so that one slow stage leaves the others their
 # time; a stage that fails is reported and the rest still run. Set TESTS to a
 # pytest selection (e.g. "tests/test_core.py") to also run tests on the GPU.
@@ -44,7 +45,7 @@ if [[ -z "${ALLOW_CPU:-}" ]] && ! "$py" -c \
   exit 2
 fi
 
-lean=(-m benchmarks.lean_step --json "$out/lean_step_b64.json")
+lean=(-m studies.step_cost.lean_step --json "$out/lean_step_b64.json")
 [[ -n "$base" ]] && lean+=(--baseline "$base")
 # First: short, and an incompatibility with this machine's JAX shows here.
 stage lean_step "${LEAN_LIMIT:-150}" "$py" "${lean[@]}" || [[ $? == 124 ]] \

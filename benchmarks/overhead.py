@@ -35,10 +35,10 @@ import optax
 from flax import nnx
 
 from benchmarks import _sources
-from benchmarks import hlo
 from benchmarks import timing
 from examples.common import optimizers
 from examples.common import problems
+from studies import hlo
 
 # Optimisers of the step-overhead benchmark, with the hyperparameters used
 # (the values do not change the cost).

@@ -2,7 +2,7 @@
 
 Models that cannot fit their data, 50 epochs in K = 10 sections of 5
 epochs, weight decay over the paper's grid (see :mod:`benchmarks.regime`).
-Built on :class:`benchmarks.tasks.Task` and its helpers.
+Built on :class:`benchmarks.task_base.Task` and its helpers.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from benchmarks.tasks import Task
-from benchmarks.tasks import _normalise_images
-from benchmarks.tasks import _pow10
+from benchmarks.task_base import Task
+from benchmarks.task_base import _normalise_images
+from benchmarks.task_base import _pow10
 from examples.common import images
 from examples.common import models as models_lib
 from examples.common import problems

@@ -9,76 +9,24 @@ the step-size grids the search runs over.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from flax import nnx
 
+from benchmarks import regime_tasks
+from benchmarks.task_base import Task
+from benchmarks.task_base import _normalise_images
+from benchmarks.task_base import _pow10
 from examples.common import data as data_lib
 from examples.common import images
 from examples.common import models as models_lib
-from examples.common import optimizers
 from examples.common import problems
 from examples.common import rbf
 from examples.common import text as text_lib
 
 QUALITY_OPTS = ("aalig", "alig", "sps", "adam", "sgd_step", "prodigy", "dog",
                 "dadapt")
-
-
-def _pow10(lo: int, hi: int) -> tuple[float, ...]:
-  return tuple(float(10.0 ** e) for e in range(lo, hi + 1))
-
-
-@dataclasses.dataclass
-class Task:
-  """One benchmark problem and its budget."""
-  name: str
-  label: str
-  interpolating: bool
-  make_model: Callable[[int], nnx.Module]  # seed -> model
-  per_example_loss: Callable  # (outputs, targets) -> [B]
-  per_example_metric: Callable  # (outputs, targets) -> [B]
-  metric: str
-  higher_is_better: bool
-  data: dict  # x_train, y_train, x_val, y_val, x_test, y_test (numpy)
-  batch_size: int
-  epochs: int
-  grids: dict  # optimiser name -> learning rates
-  weight_decays: tuple = (0.0,)
-  seeds: int = 3
-  eval_every_epoch: bool = True
-  eval_batch: int = 1000
-  # 0: all of an optimiser's configs in one vmapped program; 1: one config
-  # at a time, unvmapped (XLA:CPU runs vmapped convolutions, i.e. grouped
-  # convolutions with batched kernels, many times slower).
-  configs_per_call: int = 0
-  # 0: the full grid on every seed. k > 0: a staged search on the first k
-  # seeds (see run_optimiser), then the chosen configuration on the others.
-  sweep_seeds: int = 0
-  loop_steps: bool = False  # see engine.Programs.epoch_fn
-  # Nesterov momentum of aalig, alig and sgd (Sec. 5.1's problems: none).
-  momentum: float = 0.9
-  # What picks each optimiser's configuration: the final validation metric,
-  # or (the paper's Figure 2, an optimisation result) the training loss.
-  select_on: str = "val_metric"
-  # The lowest reachable training loss, where known (matrix factorisation).
-  loss_floor: Optional[float] = None
-  notes: str = ""
-
-  @property
-  def num_train(self) -> int:
-    return int(self.data["x_train"].shape[0])
-
-  @property
-  def ctx(self) -> optimizers.RunContext:
-    """The run of every configuration: N // B full batches an epoch."""
-    return optimizers.RunContext.create(self.num_train, self.batch_size,
-                                        self.epochs, drop_remainder=True)
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self.ctx.steps_per_epoch
 
 
 def _split_val(x, y, val_fraction):
@@ -186,12 +134,6 @@ def rbf_task(name: str, scale: str, seeds: int) -> Task:
              f"predicting the "
              f"majority class scores "
              f"{max(np.mean(y_va), 1 - np.mean(y_va)):.4f} on validation."))
-
-
-def _normalise_images(x_tr, *others):
-  mean, std = problems.channel_stats(x_tr)
-  return [(x.astype(np.float32) / 255.0 - mean) / std
-          for x in (x_tr,) + others]
 
 
 def resnet_task(scale: str, seeds: int, dataset: Optional[str] = None
@@ -308,7 +250,6 @@ def make_task(name: str, scale: str, seeds: int, heavy_seeds: int) -> Task:
     return resnet_task(scale, heavy_seeds)
   if name == "char_rnn":
     return char_rnn_task(scale, heavy_seeds)
-  from benchmarks import regime_tasks  # It builds on this module's Task.
   if name in regime_tasks.REGIME_TASK_NAMES:
     return regime_tasks.make_regime_task(name, heavy_seeds)
   names = TASK_NAMES + SHORT_TASK_NAMES + regime_tasks.REGIME_TASK_NAMES

@@ -74,7 +74,8 @@ def make_problem(name: str = "tolstoi", seq_len: int = 50, hidden: int = 128,
     num_layers: LSTM layers (2).
     max_chars: use only the first characters of the text.
     max_test_seqs: keep at most this many test sequences.
-    data_dir: the folder with the text (default the shared data folder).
+    data_dir: a folder with the text, looked in first (then as
+      :func:`examples.common.text.load_text`).
 
   Returns:
     A :class:`~examples.common.problems.Problem` over sequences.

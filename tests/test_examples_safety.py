@@ -11,16 +11,21 @@
   and otherwise fails with one sentence that names the fixes.
 
 Everything runs offline: the network is the monkeypatched
-``download.fetch``, and the shared data folder, Debian's folder and the
-cache are temporary folders.
+``download.fetch``, or pooch's real downloader against a server on
+localhost; ``$AALIG_DATA_DIR``, Debian's folder and the cache are temporary
+folders.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import json
+import os
 import pathlib
+import threading
 import urllib.error
 
 import numpy as np
@@ -30,7 +35,6 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
-from examples.common import data as data_lib  # noqa: E402
 from examples.common import libsvm  # noqa: E402
 from examples.common import download  # noqa: E402
 from examples.common import images  # noqa: E402
@@ -57,7 +61,7 @@ def _snapshot(folder: pathlib.Path) -> dict:
 
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
-  """No network, no shared data, no Debian files; empty data and cache dirs.
+  """No network, no Debian files, no retries; empty data and cache dirs.
 
   Returns:
     ``(data_dir, cache, calls)``: ``$AALIG_DATA_DIR``, ``$AALIG_CACHE_DIR``
@@ -67,7 +71,7 @@ def offline(tmp_path, monkeypatch):
   data_dir.mkdir()
   monkeypatch.setenv("AALIG_DATA_DIR", str(data_dir))
   monkeypatch.setenv("AALIG_CACHE_DIR", str(cache))
-  monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", tmp_path / "no_shared")
+  monkeypatch.setattr(download, "RETRIES", 0)  # pooch's waits between tries.
   monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path / "no_debian")
   calls = []
 
@@ -188,13 +192,27 @@ def test_fit_refuses_to_replace_checkpoints_unless_overwrite(tmp_path):
 FAKE_MUSHROOMS = b"1 1:1 3:1\n2 2:1\n1 1:1 2:1\n2 3:1\n1 1:1\n"
 
 
-def test_repo_digests_match_the_shared_files():
-  sums = data_lib.SHARED_DATA_DIR / "SHA256SUMS"
+def test_repo_digests_match_the_offline_copies():
+  sums = pathlib.Path(os.environ.get("AALIG_DATA_DIR") or "/nonexistent"
+                      ) / "SHA256SUMS"
   if not sums.exists():
-    pytest.skip("no ../shared/data on this machine")
+    pytest.skip("no offline copies (with SHA256SUMS) in $AALIG_DATA_DIR")
   for line in sums.read_text().splitlines():
     digest, name = line.split()
     assert download.KNOWN_SHA256[name] == digest, name
+
+
+def test_readme_lists_the_offline_copies_digests():
+  # examples/README.md tells users the digests of the offline copies; they
+  # must be the ones the code knows.
+  import re
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "examples"
+            / "README.md").read_text()
+  rows = dict(re.findall(r"\| `([^`]+)` \|[^|]*\| `([0-9a-f]{64})` \|",
+                         readme))
+  pinned = {name: digest for name, digest in download.KNOWN_SHA256.items()
+            if digest and not name.endswith("-ubyte.gz")}
+  assert rows == pinned
 
 
 def test_network_failure_names_file_url_and_data_dir(offline):
@@ -269,27 +287,80 @@ def test_corrupt_cached_file_is_detected(offline, monkeypatch, capsys):
   assert (cache / "mushrooms").read_bytes() == FAKE_MUSHROOMS
 
 
-def test_shared_file_with_wrong_digest_is_refused(tmp_path, monkeypatch,
-                                                  offline):
-  shared = tmp_path / "shared"
-  shared.mkdir()
-  (shared / "mushrooms.txt").write_bytes(FAKE_MUSHROOMS)
-  monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", shared)
-  with pytest.raises(download.DataUnavailableError,
-                     match=_sha(FAKE_MUSHROOMS)):
-    libsvm.load_libsvm("mushrooms")
+@pytest.fixture
+def local_server(tmp_path):
+  """An HTTP server on localhost serving `folder`; the first `fail` GETs 500.
+
+  Yields ``(base_url, folder, state)``; ``state["fail"]`` sets how many
+  requests fail, ``state["gets"]`` counts them.
+  """
+  folder = tmp_path / "served"
+  folder.mkdir()
+  state = {"fail": 0, "gets": 0}
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+      state["gets"] += 1
+      if state["fail"] > 0:
+        state["fail"] -= 1
+        self.send_error(500, "try again")
+        return
+      super().do_GET()
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}/", folder, state
+  finally:
+    server.shutdown()
+    server.server_close()
 
 
-def test_aalig_data_dir_is_looked_in_first(tmp_path, monkeypatch, offline):
-  data_dir, _, calls = offline
-  shared = tmp_path / "shared"
-  shared.mkdir()
-  (shared / "tinyshakespeare.txt").write_text("from the shared folder")
+def test_real_download_path_against_localhost(tmp_path, monkeypatch,
+                                              local_server):
+  # pooch's own HTTP downloader (download.fetch not replaced): a verified
+  # download, a retry after a server error, a refusal of a wrong digest.
+  base, folder, state = local_server
+  (folder / "mushrooms").write_bytes(FAKE_MUSHROOMS)
+  cache = tmp_path / "cache"
+  monkeypatch.setattr(download, "RETRIES", 1)
+  state["fail"] = 1
+  got = download.download(base + "mushrooms", cache / "mushrooms",
+                          sha256=_sha(FAKE_MUSHROOMS))
+  assert got.read_bytes() == FAKE_MUSHROOMS and state["gets"] == 2
+  assert download.download(base + "mushrooms", cache / "mushrooms",
+                           sha256=_sha(FAKE_MUSHROOMS)) == got
+  assert state["gets"] == 2  # From the cache.
+  monkeypatch.setattr(download, "RETRIES", 0)
+  with pytest.raises(download.DataUnavailableError) as err:
+    download.download(base + "mushrooms", cache / "other",
+                      sha256=_sha(b"something else"))
+  assert _sha(FAKE_MUSHROOMS) in str(err.value)
+  assert sorted(p.name for p in cache.iterdir()) == ["mushrooms"]
+  with pytest.raises(download.DataUnavailableError, match="AALIG_DATA_DIR"):
+    download.download(base + "absent", cache / "absent", sha256="0" * 64)
+  # Unpinned: the content check runs on pooch's temporary file.
+  seen = []
+  download.download(base + "mushrooms", cache / "checked",
+                    check=lambda p: seen.append(p.read_bytes()))
+  assert seen == [FAKE_MUSHROOMS]
+  assert (cache / "checked.sha256").read_text().split()[0] == _sha(
+      FAKE_MUSHROOMS)
+
+
+def test_aalig_data_dir_is_looked_in_first(monkeypatch, offline):
+  data_dir, cache, calls = offline
+  cache.mkdir()
+  (cache / "tinyshakespeare.txt").write_text("from the cache")
   monkeypatch.setitem(download.KNOWN_SHA256, "tinyshakespeare.txt",
-                      _sha(b"from the shared folder"))
-  monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", shared)
+                      _sha(b"from the cache"))
   assert "".join(text_lib.load_text("tiny_shakespeare").vocab) == "".join(
-      sorted(set("from the shared folder")))
+      sorted(set("from the cache")))
   (data_dir / "tinyshakespeare.txt").write_text("zzz yours")
   assert text_lib.load_text("tiny_shakespeare").vocab == [" ", "o", "r",
                                                           "s", "u", "y",

@@ -1,13 +1,15 @@
 """The RBF-kernel problems in the sls code's exact settings (AALIG Sec. 5.1).
 
 Offline and fast: small svmlight files written here, plus the real LIBSVM
-files where the shared data folder has them (skipped otherwise).
+files where ``$AALIG_DATA_DIR`` has them (skipped otherwise; CI sets it).
 """
 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -17,13 +19,14 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 pytest.importorskip("orbax.checkpoint")
 
-from examples.common import data as data_lib  # noqa: E402
+from examples.common import download  # noqa: E402
 from examples.common import libsvm  # noqa: E402
 from examples.common import loop  # noqa: E402
 from examples.common import optimizers  # noqa: E402
 from examples.common import rbf  # noqa: E402
 
-SHARED = pathlib.Path("/work/shared/data")
+# The offline copies of the real files, if any (CI's .ci/run sets it).
+REAL = pathlib.Path(os.environ.get("AALIG_DATA_DIR") or "/nonexistent")
 
 
 def _svmlight_lines(x, y):
@@ -45,12 +48,11 @@ def data_dir(tmp_path, monkeypatch):
   folder.mkdir()
   monkeypatch.setenv("AALIG_DATA_DIR", str(folder))
   monkeypatch.setenv("AALIG_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(data_lib, "SHARED_DATA_DIR", tmp_path / "no_shared")
 
   def no_network(url, path):
     raise AssertionError(f"tried to download {url}")
 
-  monkeypatch.setattr(data_lib.download, "fetch", no_network)
+  monkeypatch.setattr(download, "fetch", no_network)
   return folder
 
 
@@ -69,9 +71,11 @@ def _mushroom_like(n=240, d=12, seed=0):
 @pytest.mark.parametrize("n,n_train", [(8124, 6499), (35_000, 28_000),
                                        (10, 8), (11, 8)])
 def test_unshuffled_split_is_sklearns(n, n_train):
-  # sklearn's train_test_split(test_size=0.2, shuffle=False): n_test =
-  # ceil(0.2 n), the first n - n_test rows train, the rest test, in order.
-  tr, te = data_lib.sklearn_split(n, 0.2, 42, shuffle=False)
+  # The call load_libsvm_sls makes, as the sls code: n_test = ceil(0.2 n),
+  # the first n - n_test rows train, the rest test, in order.
+  from sklearn import model_selection
+  tr, te = model_selection.train_test_split(
+      np.arange(n), test_size=0.2, shuffle=False, random_state=42)
   assert len(tr) == n_train and len(te) == n - n_train
   np.testing.assert_array_equal(tr, np.arange(n_train))
   np.testing.assert_array_equal(te, np.arange(n_train, n))
@@ -117,11 +121,37 @@ def test_ijcnn1_tr_is_the_first_rows_of_the_combined_file(data_dir,
   np.testing.assert_allclose(d.x_train[0], x[5], rtol=1e-6)
 
 
-@pytest.mark.skipif(not (SHARED / "ijcnn1.trn.bz2").exists() or
-                    not (SHARED / "mushrooms.txt").exists(),
-                    reason="no offline LIBSVM files")
+def _fingerprint(d):
+  h = hashlib.sha256()
+  for a in (d.x_train, d.y_train, d.x_test, d.y_test):
+    a = np.ascontiguousarray(a)
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+# Every array of the loaded data sets, as the hand-written svmlight parser
+# and copy of scikit-learn's split (replaced by scikit-learn's own
+# load_svmlight_file and train_test_split) gave them from the offline copies
+# (mushrooms.txt, ijcnn1.trn.bz2): the replacement changed no value.
+FINGERPRINTS = {
+    ("sls", "mushrooms"): "bda841ecf61c3d89",
+    ("sls", "ijcnn1"): "7dd1e6656ef6aefc",
+    ("seeded", "mushrooms"): "53384aa6a08ed1e5",
+    ("seeded", "ijcnn1"): "1f330f4d5cb463d1",
+}
+
+
+@pytest.mark.skipif(not (REAL / "ijcnn1.trn.bz2").exists() or
+                    not (REAL / "mushrooms.txt").exists(),
+                    reason="no offline LIBSVM files in $AALIG_DATA_DIR")
 def test_real_files_give_the_papers_sizes(monkeypatch):
-  monkeypatch.setenv("AALIG_DATA_DIR", str(SHARED))
+  monkeypatch.setenv("AALIG_DATA_DIR", str(REAL))
+  for name in ("mushrooms", "ijcnn1"):
+    assert _fingerprint(libsvm.load_libsvm_sls(name)) == FINGERPRINTS[
+        "sls", name], name
+    assert _fingerprint(libsvm.load_libsvm(name)) == FINGERPRINTS[
+        "seeded", name], name
   m = libsvm.load_libsvm_sls("mushrooms")
   assert (len(m.y_train), len(m.y_test)) == (6499, 1625)
   assert m.x_train.shape[1] == 112

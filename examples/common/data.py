@@ -6,13 +6,11 @@ AALIG keys its approximate optimal value (AOV) on. Batches are drawn with
 :func:`epoch_batches`, which shuffles positions, not data, so an example's
 index is the same in every epoch whatever the shuffling or augmentation.
 
-Files are looked for in ``$AALIG_DATA_DIR`` first (files you provide, used
-as they are), then in the developers' offline mirror (``../shared/data/``
-beside the project, if present; checked against their SHA-256; users need
-none), then in :func:`cache_dir`;
-otherwise they are downloaded into the cache with
-:mod:`examples.common.download`, which verifies every file before it is
-used. A file that cannot be found or verified raises
+Files are looked for in a loader's ``data_dir`` and ``$AALIG_DATA_DIR``
+first (files you provide, used as they are; an offline copy of the data
+sets goes there), then in :func:`cache_dir`; otherwise they are downloaded
+into the cache with :mod:`examples.common.download` (pooch), which verifies
+every file before it is used. A file that cannot be found or verified raises
 :class:`DataUnavailableError`, one sentence saying how to provide it. Image
 sets are loaded by :mod:`examples.common.images`, texts by
 :mod:`examples.common.text`, LIBSVM files and RBF kernels by
@@ -33,8 +31,8 @@ import pathlib
 from typing import Iterator, Optional
 
 import numpy as np
+from sklearn import model_selection
 
-from examples.common import download
 from examples.common.download import DataUnavailableError
 
 __all__ = [
@@ -45,17 +43,10 @@ __all__ = [
     "find_file",
     "load_matrix_factorisation",
     "random_matrix_factorisation",
-    "shared_data_dir",
-    "sklearn_split",
     "steps_per_epoch",
     "train_test_split",
     "user_dirs",
 ]
-
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
-# The offline copies (read-only, never copied into the project).
-SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-
 
 @dataclasses.dataclass
 class ArrayDataset:
@@ -80,19 +71,6 @@ class ArrayDataset:
     return int(self.x_train.shape[0])
 
 
-def shared_data_dir() -> pathlib.Path:
-  """The folder of offline data files.
-
-  Returns:
-    ``$AALIG_DATA_DIR`` if set, else ``<project root>/../shared/data``. The
-    folder may not exist (a user's machine); loaders then download.
-  """
-  env = os.environ.get("AALIG_DATA_DIR")
-  if env:
-    return pathlib.Path(env)
-  return SHARED_DATA_DIR
-
-
 def cache_dir() -> pathlib.Path:
   """Where downloads go: ``$AALIG_CACHE_DIR`` or ``~/.cache/aalig_optax``."""
   return pathlib.Path(os.environ.get(
@@ -106,25 +84,28 @@ def user_dirs(data_dir=None) -> list[pathlib.Path]:
 
 
 def find_file(names, data_dir=None) -> Optional[pathlib.Path]:
-  """The first of `names` in the user's folders, else in the shared folder.
+  """The first of `names` in the user's folders (:func:`user_dirs`), or None.
 
-  A user's file is used as it is (their choice, e.g. a variant of the data);
-  a shared offline copy must have its known digest.
+  A user's file is used as it is (their choice, e.g. a variant of the data;
+  :data:`examples.common.download.KNOWN_SHA256` lists the digests of the
+  offline copies, to check one by hand).
   """
   for folder in user_dirs(data_dir):
     for name in names:
       if (folder / name).is_file():
         return folder / name
-  for name in names:
-    if (SHARED_DATA_DIR / name).is_file():
-      download.verify_file(SHARED_DATA_DIR / name)
-      return SHARED_DATA_DIR / name
   return None
 
 
 def train_test_split(n: int, test_fraction: float, seed: int
                      ) -> tuple[np.ndarray, np.ndarray]:
-  """A seeded random split of ``range(n)`` into sorted train/test positions."""
+  """A seeded random split of ``range(n)`` into sorted train/test positions.
+
+  Our own split (numpy's ``default_rng``), not scikit-learn's: the seeded
+  LIBSVM loader (:func:`examples.common.libsvm.load_libsvm`) and the
+  benchmark tasks use it, and their recorded results depend on it. The
+  paper's set-ups use scikit-learn's ``train_test_split`` itself.
+  """
   perm = np.random.default_rng(seed).permutation(n)
   n_test = int(round(n * test_fraction))
   return np.sort(perm[n_test:]), np.sort(perm[:n_test])
@@ -172,29 +153,6 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 # Matrix factorisation (Vaswani et al. 2019; AALIG paper Sec. 5.1).
 
 
-def sklearn_split(n: int, test_size: float, random_state: Optional[int],
-                  shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """The (train, test) positions of sklearn's ``train_test_split``.
-
-  The same positions, in the same order, as
-  ``sklearn.model_selection.train_test_split(..., test_size=test_size,
-  random_state=random_state)`` without stratification, i.e. its
-  ``ShuffleSplit``: ``n_test = ceil(test_size * n)``, ``n_train = n -
-  n_test``, and one ``RandomState(random_state).permutation(n)`` whose first
-  `n_test` entries are the test set and the next `n_train` the training set.
-  (Checked against scikit-learn 1.x in tests/test_examples.py; scikit-learn
-  is not a dependency.) With ``shuffle=False`` (the sls code's RBF-kernel
-  split) `random_state` is unused: the first `n_train` positions are the
-  training set and the last `n_test` the test set, in order.
-  """
-  n_test = int(np.ceil(test_size * n))
-  n_train = n - n_test
-  if not shuffle:
-    return np.arange(n_train), np.arange(n_train, n)
-  perm = np.random.RandomState(random_state).permutation(n)
-  return perm[n_test:n_test + n_train], perm[:n_test]
-
-
 def load_matrix_factorisation(data_seed: int = 42,
                               split_seed: int = 9513451) -> ArrayDataset:
   """The matrix factorisation data of Vaswani et al. (2019), exactly.
@@ -211,7 +169,7 @@ def load_matrix_factorisation(data_seed: int = 42,
 
   so that A is very ill-conditioned and factorisations of rank 1 and 4
   cannot fit it (no interpolation), rank 10 and the full map can. The
-  examples are the 1000 columns; the split is :func:`sklearn_split`'s
+  examples are the 1000 columns, split by that very scikit-learn call
   (800 train, 200 test).
 
   Args:
@@ -226,7 +184,8 @@ def load_matrix_factorisation(data_seed: int = 42,
   a = np.linspace(1, 1e-10, 10)[:, None] * rng.rand(10, 6)  # would set.
   x = rng.randn(6, 1000)
   y = a @ x
-  tr, te = sklearn_split(1000, 0.2, split_seed)
+  tr, te = model_selection.train_test_split(
+      np.arange(1000), test_size=0.2, random_state=split_seed)
   f = lambda v: np.asarray(v, np.float32)
   return ArrayDataset(f(x.T[tr]), f(y.T[tr]), f(x.T[te]), f(y.T[te]), None,
                       "matrix_factorisation")

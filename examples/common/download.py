@@ -1,15 +1,15 @@
-"""Verified downloads of the examples' data files.
+"""Verified downloads of the examples' data files, through pooch.
 
-One small downloader, standard library only (``urllib``, ``hashlib``,
-``os.replace``):
+`pooch <https://www.fatiando.org/pooch>`_ does the downloading: it fetches a
+file into a temporary name in its target folder, checks its SHA-256 against
+the known one, renames it into place only when the check passes (so the
+cache never holds a partial or altered file under the real name), retries a
+failed attempt, and shows a progress bar. This module adds what is ours:
 
-- a file is fetched into a temporary name in its target folder, checked, and
-  renamed into place only when the check passes, so the cache never holds a
-  partial or altered file under the real name;
-- the check is the file's SHA-256 against :data:`KNOWN_SHA256` where the
-  digest of what the URL serves is known, else a check of its content (the
-  caller's ``check``; its digest is then recorded next to it, in
-  ``<name>.sha256``, so that later changes to the cached copy are caught);
+- the digests (:data:`KNOWN_SHA256`); where the digest of what a URL serves
+  is not known, the caller's ``check`` of the content runs on the temporary
+  file instead, and the file's digest is then recorded next to it, in
+  ``<name>.sha256``, so that later changes to the cached copy are caught;
 - a cached file is checked again before each use: a mismatch is reported
   (file, digest, expected) and the file deleted, then downloaded again;
 - any failure raises :class:`DataUnavailableError`: one sentence naming the
@@ -19,23 +19,30 @@ One small downloader, standard library only (``urllib``, ``hashlib``,
 from __future__ import annotations
 
 import hashlib
-import os
+import importlib.util
 import pathlib
-import shutil
 import sys
-import tempfile
-import urllib.request
 from typing import Callable, Optional
 
-__all__ = ["DataUnavailableError", "KNOWN_SHA256", "download", "fetch",
-           "sha256_file", "verify_file"]
+import pooch
+import requests
+
+__all__ = ["DataUnavailableError", "KNOWN_SHA256", "RETRIES", "download",
+           "fetch", "sha256_file"]
+
+# Further attempts after a failed download or a rejected file (pooch's
+# retry_if_failed; it waits 1 s, 2 s, ... between them).
+RETRIES = 2
 
 # SHA-256 of the data files, by file name. None: no digest can be pinned for
 # what the URL serves (see each comment); the content is checked instead.
 KNOWN_SHA256: dict[str, Optional[str]] = {
-    # The offline copies in ../shared/data (its SHA256SUMS). They come from
-    # other repositories, so only tinyshakespeare.txt is known to be the
-    # file its URL serves (TFDS's checksum of that URL is the same).
+    # The offline copies the project's CI reads through AALIG_DATA_DIR,
+    # under these names. They come from other repositories (LIBSVM's sets
+    # re-compressed, mushrooms with CRLF line ends), so only
+    # tinyshakespeare.txt is known to be the file its URL serves (TFDS's
+    # checksum of that URL is the same); a copy under one of these names
+    # can be checked with `sha256sum` against these.
     "mushrooms.txt":
         "eb26424a54203ca9e8956ff3e5b10e613dfc3587f65d21bdbdbc28020fd995e0",
     "ijcnn1.trn.bz2":
@@ -46,7 +53,7 @@ KNOWN_SHA256: dict[str, Optional[str]] = {
         "3ed0f41cfdf660846878943bad5b9d575bcae1e4a92ee9a7f43d3c9dba2af344",
     "tinyshakespeare.txt":
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    # The LIBSVM site's files: the shared copies above are re-compressed /
+    # The LIBSVM site's files: the offline copies above are re-compressed /
     # re-line-ended copies from elsewhere, and no digest of the site's own
     # bytes is known offline; their svmlight shapes are checked instead.
     "mushrooms": None,
@@ -101,10 +108,27 @@ def sha256_file(path) -> str:
 
 
 def fetch(url: str, path) -> None:
-  """Writes the bytes at `url` to `path` (the network; tests replace it)."""
-  with urllib.request.urlopen(url, timeout=60) as response, \
-      open(path, "wb") as f:
-    shutil.copyfileobj(response, f)
+  """Writes the bytes at `url` to `path`: pooch's HTTP(S) downloader.
+
+  The network, which the tests replace; a progress bar on a terminal when
+  tqdm is installed.
+  """
+  progress = (importlib.util.find_spec("tqdm") is not None
+              and sys.stderr.isatty())
+  pooch.HTTPDownloader(progressbar=progress, timeout=60)(url, str(path),
+                                                         None)
+
+
+def _unreachable(name: str, url: str, e: Exception) -> DataUnavailableError:
+  reason = getattr(e, "reason", None) or e  # urllib's errors have one.
+  return DataUnavailableError(
+      f"could not download {name} from {url} ({reason}): connect to the "
+      f"internet and rerun, or {_by_hand(name, url)}.",
+      reason=f"{name}: {reason}")
+
+
+class _BadContent(ValueError):
+  """The caller's ``check`` rejected a download (pooch retries a ValueError)."""
 
 
 def _expected(path: pathlib.Path, sha256: Optional[str]) -> Optional[str]:
@@ -116,30 +140,6 @@ def _expected(path: pathlib.Path, sha256: Optional[str]) -> Optional[str]:
     if sidecar.exists():
       sha256 = sidecar.read_text().split()[0]
   return sha256
-
-
-def verify_file(path, sha256: Optional[str] = None) -> None:
-  """Checks a file that is not ours to delete (an offline copy) by digest.
-
-  Args:
-    path: the file.
-    sha256: the expected digest; default :data:`KNOWN_SHA256` by file name.
-      Without either, nothing is checked.
-
-  Raises:
-    DataUnavailableError: if the digest differs.
-  """
-  path = pathlib.Path(path)
-  expected = sha256 or KNOWN_SHA256.get(path.name)
-  if expected is None:
-    return
-  got = sha256_file(path)
-  if got != expected:
-    raise DataUnavailableError(
-        f"{path} has SHA-256 {got}, expected {expected}: it is not the file "
-        "these examples were written for (altered or incomplete), so "
-        f"replace it, or put a good copy of {path.name} in the folder named "
-        "by AALIG_DATA_DIR, which is looked in first.")
 
 
 def download(url: str, target, *, sha256: Optional[str] = None,
@@ -180,41 +180,39 @@ def download(url: str, target, *, sha256: Optional[str] = None,
           "it and downloading it again.", file=sys.stderr)
     target.unlink()
     sidecar.unlink(missing_ok=True)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part",
-                             dir=target.parent)
-  os.close(fd)
-  tmp = pathlib.Path(tmp)
-  try:
-    print(f"Downloading {url} to {target}", file=sys.stderr)
-    try:
-      fetch(url, tmp)
-    except Exception as e:  # urllib's URLError, HTTPError, timeouts, ...
-      reason = getattr(e, "reason", None) or e
-      raise DataUnavailableError(
-          f"could not download {name} from {url} ({reason}): connect to the "
-          f"internet and rerun, or {_by_hand(name, url)}.",
-          reason=f"{name}: {reason}") from e
-    got = sha256_file(tmp)
-    if pinned is not None:
-      if got != pinned:
-        raise DataUnavailableError(
-            f"the download of {name} from {url} has SHA-256 {got}, expected "
-            f"{pinned} (an incomplete or altered file), so it was discarded: "
-            f"rerun to try again, or {_by_hand(name, url)}.",
-            reason=f"{name} has SHA-256 {got}, expected {pinned}")
-    elif check is not None:
+
+  def downloader(u, tmp, _):
+    # pooch's temporary file: nothing is renamed to `target` unless this
+    # returns and the digest (if pinned) matches.
+    fetch(u, tmp)  # pooch retries requests' errors, raises any other.
+    if pinned is None and check is not None:
       try:
-        check(tmp)
+        check(pathlib.Path(tmp))
       except (ValueError, OSError, EOFError) as e:
-        raise DataUnavailableError(
-            f"the download of {name} from {url} is not the expected file "
-            f"({e}), so it was discarded: rerun to try again, or "
-            f"{_by_hand(name, url)}.", reason=f"{name}: {e}") from e
-    if pinned is None:
-      # Trust on first use: later changes to the cached copy are caught.
-      sidecar.write_text(f"{got}  {name}\n")
-    os.replace(tmp, target)
-  finally:
-    tmp.unlink(missing_ok=True)
+        raise _BadContent(str(e)) from e
+
+  files = pooch.create(path=target.parent, base_url="",
+                       registry={name: pinned}, urls={name: url},
+                       retry_if_failed=RETRIES)
+  try:
+    files.fetch(name, downloader=downloader)
+  except _BadContent as e:
+    raise DataUnavailableError(
+        f"the download of {name} from {url} is not the expected file "
+        f"({e}), so it was discarded: rerun to try again, or "
+        f"{_by_hand(name, url)}.", reason=f"{name}: {e}") from e
+  except ValueError as e:
+    if isinstance(e, requests.RequestException):  # e.g. InvalidURL
+      raise _unreachable(name, url, e) from e
+    # pooch: the digest is not the pinned one.
+    raise DataUnavailableError(
+        f"the download of {name} from {url} does not have SHA-256 {pinned} "
+        f"({e}), an incomplete or altered file, so it was discarded: rerun "
+        f"to try again, or {_by_hand(name, url)}.",
+        reason=f"{name}: {e}") from e
+  except Exception as e:  # The network's, once pooch's retries are spent.
+    raise _unreachable(name, url, e) from e
+  if pinned is None:
+    # Trust on first use: later changes to the cached copy are caught.
+    sidecar.write_text(f"{sha256_file(target)}  {name}\n")
   return target

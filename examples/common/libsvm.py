@@ -1,6 +1,6 @@
 """LIBSVM data for the RBF-kernel examples: files, loaders, exact kernels.
 
-The svmlight parser, the LIBSVM binary sets (mushrooms, ijcnn1) as a
+The LIBSVM binary sets (mushrooms, ijcnn1) as a
 `data.ArrayDataset`, read either with a seeded shuffle split
 (:func:`load_libsvm`) or exactly as Vaswani et al.'s code reads them
 (:func:`load_libsvm_sls`), and the RBF kernel matrices built from them.
@@ -15,12 +15,13 @@ References:
 from __future__ import annotations
 
 import bz2
-import gzip
 import io
 import pathlib
 from typing import Optional
 
 import numpy as np
+from sklearn import datasets
+from sklearn import model_selection
 
 from examples.common import data
 from examples.common import download
@@ -40,56 +41,33 @@ LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
 
 def load_svmlight(source, num_features: Optional[int] = None,
                   dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-  """Parses an svmlight/LIBSVM text file into dense arrays.
+  """An svmlight/LIBSVM file as dense arrays: scikit-learn's reader.
 
-  A small dense parser (the LIBSVM binary sets used here have at most a few
-  hundred features), so the examples need no scikit-learn.
+  ``sklearn.datasets.load_svmlight_file``, densified (the LIBSVM binary sets
+  used here have at most a few hundred features).
 
   Args:
     source: a path (``.bz2`` and ``.gz`` are decompressed) or bytes.
-    num_features: width of the dense matrix; default the largest feature id.
-    dtype: of `x` (float64 is what scikit-learn's ``load_svmlight_file``
-      gives, which the exact RBF kernels are computed from).
+    num_features: width of the dense matrix (at least the largest feature
+      id); default the largest feature id.
+    dtype: of `x` (float64 is scikit-learn's default, which the exact RBF
+      kernels are computed from).
 
   Returns:
     ``(x [n, d], y float32 [n])``; feature ids are 1-based in the file and
     column ``id - 1`` in `x`.
   """
   if isinstance(source, (bytes, bytearray)):
-    raw = bytes(source)
+    source = io.BytesIO(bytes(source))
   else:
-    path = str(source)
-    opener = bz2.open if path.endswith(".bz2") else (
-        gzip.open if path.endswith(".gz") else open)
-    with opener(path, "rb") as f:
-      raw = f.read()
-  labels, rows, cols, vals = [], [], [], []
-  for line in io.BytesIO(raw):
-    line = line.split(b"#", 1)[0].strip()
-    if not line:
-      continue
-    parts = line.split()
-    r = len(labels)
-    labels.append(float(parts[0]))
-    for item in parts[1:]:
-      k, v = item.split(b":")
-      if k == b"qid":
-        continue
-      rows.append(r)
-      cols.append(int(k) - 1)
-      vals.append(float(v))
-  cols = np.asarray(cols, np.int64)
-  d = num_features if num_features is not None else (
-      int(cols.max()) + 1 if cols.size else 0)
-  x = np.zeros((len(labels), d), dtype)
-  keep = cols < d
-  x[np.asarray(rows, np.int64)[keep], cols[keep]] = np.asarray(
-      vals, np.float64)[keep]
-  return x, np.asarray(labels, np.float32)
+    source = str(source)
+  x, y = datasets.load_svmlight_file(source, n_features=num_features,
+                                     dtype=dtype)
+  return x.toarray(), np.asarray(y, np.float32)
 
 
 _LIBSVM_FILES = {
-    # name: (offline file in the shared folder, LIBSVM download name,
+    # name: (name of the offline copy, LIBSVM download name,
     #        (rows, features) of the file, checked where no digest is known)
     "mushrooms": ("mushrooms.txt", "mushrooms", (8124, 112)),
     "ijcnn1": ("ijcnn1.trn.bz2", "ijcnn1.bz2", (49_990, 22)),
@@ -129,9 +107,9 @@ def load_libsvm(name: str, data_dir=None, test_fraction: float = 0.2,
   Args:
     name: ``"mushrooms"`` (8124 x 112, interpolating with an RBF kernel) or
       ``"ijcnn1"`` (49,990 x 22, not interpolating).
-    data_dir: a folder to look in first; then ``$AALIG_DATA_DIR``, the
-      shared offline copies, `data.cache_dir`, then the LIBSVM site is
-      downloaded from (verified, see :mod:`examples.common.download`).
+    data_dir: a folder to look in first; then ``$AALIG_DATA_DIR``,
+      `data.cache_dir`, then the LIBSVM site is downloaded from
+      (verified, see :mod:`examples.common.download`).
     test_fraction: share of the examples held out.
     seed: seed of the split.
 
@@ -189,8 +167,8 @@ IJCNN1_TR_ROWS = 35_000
 def _ijcnn1_tr_path(data_dir=None) -> tuple[pathlib.Path, Optional[int]]:
   """ijcnn1.tr: (the file, how many of its first rows to keep or None).
 
-  In order: ``ijcnn1.tr.bz2`` (or ``ijcnn1.tr``) in the user's folders or
-  the offline copies, used whole; else the combined file (``ijcnn1.trn.bz2``
+  In order: ``ijcnn1.tr.bz2`` (or ``ijcnn1.tr``) in the user's folders,
+  used whole; else the combined file (``ijcnn1.trn.bz2``
   or ``ijcnn1.bz2``, 49,990 rows) there, whose first 35,000 rows are taken;
   else LIBSVM's ``ijcnn1.tr.bz2`` is downloaded (its 35,000 x 22 shape is
   checked; no digest of the site's bytes is known offline).
@@ -257,7 +235,8 @@ def load_libsvm_sls(name: str, data_dir=None) -> data.ArrayDataset:
   if rows is not None:
     x, y = x[:rows], y[:rows]
   y = sls_labels(y)
-  tr, va = data.sklearn_split(len(y), 0.2, 42, shuffle=False)
+  tr, va = model_selection.train_test_split(
+      np.arange(len(y)), test_size=0.2, shuffle=False, random_state=42)
   return data.ArrayDataset(x[tr], y[tr], x[va], y[va], 2, name)
 
 

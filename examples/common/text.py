@@ -51,8 +51,9 @@ class TextData:
 
 _TEXT_FILES = {
     # name: (offline file name, download name in the cache, URL). Gutenberg's
-    # file differs from the shared copy (no pinned digest), so it is cached
-    # under its own name; karpathy's file is the shared copy, same digest.
+    # file differs from the offline copy war-and-peace.txt (no pinned
+    # digest), so it is cached under its own name; karpathy's file is the
+    # offline copy tinyshakespeare.txt, same digest.
     "tolstoi": ("war-and-peace.txt", "pg2600.txt",
                 "https://www.gutenberg.org/cache/epub/2600/pg2600.txt"),
     "tiny_shakespeare": ("tinyshakespeare.txt", "tinyshakespeare.txt",
@@ -92,8 +93,8 @@ def load_text(name: str = "tolstoi", data_dir=None,
   Args:
     name: ``"tolstoi"`` or ``"tiny_shakespeare"``.
     data_dir: a folder to look in first for ``war-and-peace.txt`` /
-      ``tinyshakespeare.txt``; then ``$AALIG_DATA_DIR``, the shared offline
-      copies, :func:`cache_dir`, then the text is downloaded (Project
+      ``tinyshakespeare.txt``; then ``$AALIG_DATA_DIR``,
+      :func:`cache_dir`, then the text is downloaded (Project
       Gutenberg #2600 as ``pg2600.txt`` / karpathy/char-rnn) into the
       cache, verified (see :mod:`examples.common.download`).
     test_fraction: share of the text at its end held out.

@@ -1,6 +1,6 @@
 """On which threads XLA:CPU runs the tiny model's train step, kernel by kernel.
 
-Issue 13's tiny step (:mod:`benchmarks.lean_step`: a 10,100-parameter
+Issue 13's tiny step (:mod:`studies.step_cost.lean_step`: a 10,100-parameter
 linear model, batches of 64) under AALIG and under ``table_floor`` with a
 late section-end cond, profiled with ``jax.profiler.trace``, which records
 an event for each kernel XLA:CPU runs (jax 0.10.2, with or without
@@ -12,7 +12,7 @@ thread, and the fraction of the kernels' time during which two of them run
 at once. If that is near zero, the step is a sequence and costs the sum of
 its kernels::
 
-  python -m benchmarks.profile_threads [--steps 200] [--json out.json]
+  python -m studies.step_cost.profile_threads [--steps 200] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import aalig_optax as ao
-from benchmarks import lean_step
+from studies.step_cost import lean_step
 
 _KERNEL_WORDS = ("fusion", "cond", "scatter", "dot", "custom")
 

@@ -19,10 +19,10 @@ With ``--child-flags FLAGS`` it runs itself again in a subprocess with
 ``XLA_FLAGS=FLAGS`` (e.g. command buffers that hold conditionals), and
 reports those timings too. Results go to ``--json``::
 
-  python -m benchmarks.gpu_probe --json gpu_probe.json \
+  python -m studies.step_cost.gpu_probe --json gpu_probe.json \
       --child-flags=--xla_gpu_enable_command_buffer=+CONDITIONAL
-  python -m benchmarks.gpu_probe --models resnet --variants sgd,alig,aalig \
-      --rounds 5 --hlo-dir hlo    # the compiled steps, to compare kernels
+  python -m studies.step_cost.gpu_probe --models resnet \
+      --variants sgd,alig,aalig --rounds 5 --hlo-dir hlo  # compiled steps
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main(argv=None):
   if args.child_flags:
     env = dict(os.environ, XLA_FLAGS=args.child_flags)
     child = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_probe", "--json",
+        [sys.executable, "-m", "studies.step_cost.gpu_probe", "--json",
          "/tmp/gpu_probe_child.json", "--models", args.models,
          "--variants", "sgd,alig,aalig", "--rounds", str(args.rounds)],
         env=env, check=False)

@@ -17,15 +17,15 @@ and 10^7 examples, no section end while timing):
   targets.
 
 Self-contained, so that it runs unchanged against an older checkout (run
-from that checkout's root: ``python /path/to/benchmarks/lean_step.py``).
+from that checkout's root: ``python /path/to/studies/step_cost/lean_step.py``).
 With ``--baseline PATH`` (the root of another checkout) that checkout's
 ``aalig_optax`` is loaded too, renamed, and timed interleaved with this one
 (``base_aalig_*``): a before/after comparison in one process, under the same
 machine load::
 
-  python -m benchmarks.lean_step [--rounds 40] [--steps 50] [--json out.json]
-      [--baseline ../older-checkout]
-  python /path/to/benchmarks/lean_step.py --overhead-models   # HLO only
+  python -m studies.step_cost.lean_step [--rounds 40] [--steps 50]
+      [--json out.json] [--baseline ../older-checkout]
+  python /path/to/studies/step_cost/lean_step.py --overhead-models   # HLO only
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def opt_part(tx):
 
 def hlo_counts(compiled):
   """Top-level (ENTRY) kernels by opcode, copies, temporary bytes."""
-  from benchmarks.hlo import entry_kernels
+  from studies.hlo import entry_kernels
   counts = entry_kernels(compiled.as_text())
   return dict(kernels=sum(counts.values()), fusions=counts.get("fusion", 0),
               copies=counts.get("copy", 0), ops=counts,

@@ -1,8 +1,10 @@
 """Reading compiled HLO text: the top-level instructions and their opcodes.
 
-Shared by the benchmarks (kernel counts in their reports) and by the tests
-that check the compiled step (`tests/hlo_checks.py`), so that both count the
-same way. Only the standard library: importing it pulls in no model code.
+Shared by the overhead benchmark (kernel counts in its report), the
+step-cost study and the tests that check the compiled step
+(`tests/hlo_checks.py`), so that all count the same way; it lives outside
+`benchmarks/` so that the core tests import no benchmark code. Only the
+standard library: importing it pulls in no model code.
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ from aalig_optax import _alig
 from aalig_optax import _checks
 from aalig_optax._state import saturating_add
 
-# The arguments of `aalig` (and `scale_by_aalig`) that are not numbers: give
-# them as `static_args` to `optax.inject_hyperparams`, which otherwise takes
-# a callable for a schedule and an array for a hyperparameter to inject.
+#: The arguments of :func:`aalig` (and :func:`scale_by_aalig`) that are not
+#: numbers: give them as ``static_args`` to ``optax.inject_hyperparams``,
+#: which otherwise calls a callable (``initial_aov``, ``aov_rule``) as a
+#: schedule and turns an array into a hyperparameter copied at every step::
+#:
+#:   optax.inject_hyperparams(aalig, static_args=STATIC_ARGS)(0.1, ...)
 STATIC_ARGS = ("num_examples", "steps_per_epoch", "epochs_per_section",
                "loss_estimate", "table_dtype", "axis_name", "aov_rule",
                "initial_aov")

@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu.sh OUT_DIR [BASELINE_CHECKOUT]
 #
 # OUT_DIR receives results.json, README.md and overhead.png (the overhead part
-# of `python -m benchmarks.run --scale paper`: more rounds than the CPU scale),
+# of `python -m benchmarks.run --scale paper`: more rounds than the CPU scale,
+# and ResNet-18 on 64x64 batches, a step of several ms; MODELS overrides the
+# list),
 # lean_step_b64.json (`python -m studies.step_cost.lean_step`, the step-cost
 # study's tiny model, with BASELINE_CHECKOUT's AALIG timed in the same process
 # when given) and gpu.log.
@@ -51,7 +53,8 @@ lean=(-m studies.step_cost.lean_step --json "$out/lean_step_b64.json")
 stage lean_step "${LEAN_LIMIT:-150}" "$py" "${lean[@]}" || [[ $? == 124 ]] \
   || exit 1
 stage overhead "${OVERHEAD_LIMIT:-420}" "$py" -m benchmarks.run \
-  --only overhead --scale paper --out "$out" --hlo-dir /tmp/aalig-gpu-hlo
+  --only overhead --scale paper --models "${MODELS:-linear,resnet,mlp,resnet18}" \
+  --out "$out" --hlo-dir /tmp/aalig-gpu-hlo
 if [[ -n "${TESTS:-}" ]]; then
   # conftest.py picks the CPU unless JAX_PLATFORMS is set: here, the GPU.
   # shellcheck disable=SC2086

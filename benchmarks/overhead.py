@@ -155,13 +155,14 @@ def _compiled_part(tx, params0, batches):
 
 def bench_model(model_name: str, cfg: dict, log=print) -> dict[str, Any]:
   batch, num_examples = cfg["batch"], cfg["num_examples"]
-  model = _sources.make_model(model_name, num_classes=10, in_shape=(32, 32, 3),
-                              seed=0)
+  in_shape, classes = _sources.inputs(model_name)
+  model = _sources.make_model(model_name, num_classes=classes,
+                              in_shape=in_shape, seed=0)
   graphdef, params0, rest0 = _split(model)
   n_params = int(sum(x.size for x in jax.tree.leaves(params0)))
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((batch, 32, 32, 3)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  x = jnp.asarray(rng.standard_normal((batch,) + in_shape), jnp.float32)
+  y = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
   idx_all = jnp.asarray(rng.integers(0, num_examples, (64, batch)), jnp.int32)
   # The paper: 200 epochs in K=10 sections, so 20 epochs a section.
   ctx = optimizers.RunContext.create(num_examples, batch, 200,

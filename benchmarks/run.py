@@ -31,7 +31,7 @@ from examples.common import report as report_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def overhead_config(scale: str, tiny: bool) -> dict:
+def overhead_config(scale: str, tiny: bool, models=None) -> dict:
   cfg = dict(models=["linear", "resnet", "mlp"], batch=128,
              num_examples=50_000,
              optimizers=list(overhead.OVERHEAD_OPTS), warmup=2,
@@ -44,13 +44,21 @@ def overhead_config(scale: str, tiny: bool) -> dict:
              sweep_models=["linear"],
              table_sizes=[1_000, 100_000, 1_000_000, 10_000_000])
   if scale == "paper":
-    cfg.update(rounds={"linear": 100, "resnet": 50, "mlp": 100},
-               steps_per_round={"linear": 50, "resnet": 10, "mlp": 20})
+    cfg.update(rounds={"linear": 100, "resnet": 50, "mlp": 100,
+                       "resnet18": 20},
+               steps_per_round={"linear": 50, "resnet": 10, "mlp": 20,
+                                "resnet18": 5})
   if tiny:
     cfg.update(models=["mlp"], rounds={"mlp": 2}, steps_per_round={"mlp": 1},
                part_rounds=2, part_steps_per_round=2, warmup=1,
                optimizers=["sgd", "aalig", "alig"], big_num_examples=0,
                table_sizes=[1_000, 10_000], sweep_models=["mlp"])
+  if models:
+    unknown = [m for m in models if m not in cfg["rounds"]]
+    if unknown:
+      raise ValueError(f"--models: unknown {unknown}; the models of this "
+                       f"scale are {sorted(cfg['rounds'])}")
+    cfg["models"] = list(models)
   return cfg
 
 
@@ -82,6 +90,10 @@ def main(argv=None) -> dict:
                       help="cpu: budgets that fit 2 cores (default); paper: "
                       "the paper's settings (200 epochs, CIFAR-100 through "
                       "TFDS, full data), for a GPU")
+  parser.add_argument("--models", default="",
+                      help="overhead: comma-separated models (default "
+                      "linear,resnet,mlp; --scale paper also has resnet18, "
+                      "a step of several ms on a GPU)")
   parser.add_argument("--seeds", type=int, default=3,
                       help="seeds of the light tasks (matrix factorisation, "
                       "RBF kernels)")
@@ -125,7 +137,12 @@ def main(argv=None) -> dict:
   for part in parts:
     t0 = time.perf_counter()
     if part == "overhead":
-      res = overhead.run(overhead_config(args.scale, args.tiny), log=log)
+      try:
+        cfg = overhead_config(args.scale, args.tiny, [
+            m for m in args.models.split(",") if m])
+      except ValueError as e:
+        parser.error(str(e))
+      res = overhead.run(cfg, log=log)
       hlo_dir = pathlib.Path(args.hlo_dir)
       hlo_dir.mkdir(parents=True, exist_ok=True)
       for model, m in res["models"].items():

@@ -81,8 +81,9 @@ html_theme_options = {
 
 # (title, one line about the group, names in the order shown).
 API_GROUPS = [
-    ("AALIG", "The optimiser and its step size alone.",
-     ["aalig", "scale_by_aalig"]),
+    ("AALIG", "The optimiser, its step size alone, and the arguments to "
+     "keep static under `optax.inject_hyperparams`.",
+     ["aalig", "scale_by_aalig", "STATIC_ARGS"]),
     ("AOV rules and starting AOVs", "The section-end AOV updates that "
      "`aov_rule=` names, as pure functions, and the per-example loss table "
      "that `initial_aov=` takes.",
@@ -90,8 +91,10 @@ API_GROUPS = [
     ("ALI-G", "The interpolation special case: no tables, the batch loss "
      "as `value=`, and its L2-ball constraint.",
      ["alig", "scale_by_alig", "project_l2_ball"]),
-    ("State", "What `init` returns and `update` carries.",
-     ["ScaleByAaligState", "AaligConfig", "ScaleByAligState"]),
+    ("State", "What `init` returns and `update` carries, and the AOV "
+     "tables with every update still due applied.",
+     ["ScaleByAaligState", "AaligConfig", "ScaleByAligState",
+      "current_aovs"]),
     ("Metrics and checks", "Logging, and host-side errors for what a jitted "
      "step can only count.",
      ["aalig_metrics", "check_indices", "check_hyperparams"]),
@@ -141,8 +144,9 @@ def api_markdown(public=None) -> str:
   for title, blurb, names in groups:
     out += [f"## {title}", "", blurb, "", "```{eval-rst}"]
     for name in names:
-      kind = ("autoclass" if isinstance(getattr(aalig_optax, name), type)
-              else "autofunction")
+      obj = getattr(aalig_optax, name)
+      kind = ("autoclass" if isinstance(obj, type)
+              else "autofunction" if callable(obj) else "autodata")
       out += [f".. {kind}:: aalig_optax.{name}", ""]
     out += ["```", ""]
   return "\n".join(out)

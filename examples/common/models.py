@@ -180,6 +180,36 @@ class ResNet8(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+class ResNet18(nnx.Module):
+  """ResNet-18 (He et al. 2016): two basic blocks in each of four stages of
+  64, 128, 256 and 512 channels, with a 3x3 stem for small images (no max
+  pooling), about 11M parameters: the paper's ImageNet model, sized here for
+  the step-overhead benchmark on a GPU.
+
+  Call with ``(images float [B, H, W, C], train: bool)``.
+  """
+
+  def __init__(self, num_classes: int = 1000, in_channels: int = 3,
+               width: int = 64, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(in_channels, width, (3, 3), padding="SAME",
+                         use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+    blocks, ch = [], width
+    for k, stride in enumerate((1, 2, 2, 2)):
+      out = width * 2**k
+      blocks += [_BasicBlock(ch, out, stride, rngs=rngs),
+                 _BasicBlock(out, out, 1, rngs=rngs)]
+      ch = out
+    self.blocks = nnx.List(blocks)
+    self.head = nnx.Linear(ch, num_classes, rngs=rngs)
+
+  def __call__(self, x, train: bool = True):
+    x = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+    for block in self.blocks:
+      x = block(x, train)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
 class CharRNN(nnx.Module):
   """A character-level LSTM language model (DeepOBS Tolstoi, AALIG Sec. 5.4).
 

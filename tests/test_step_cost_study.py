@@ -19,16 +19,16 @@ pytest.importorskip("flax")
 
 
 def test_gpu_probe_smoke(tmp_path: pathlib.Path):
-  """The probe's variants compile and time; the no-cond one has no cond."""
+  """The probe's variants compile and time. (Since issue 28 AALIG's step has
+  no cond to remove: every variant compiles to none.)"""
   probe = pytest.importorskip("studies.step_cost.gpu_probe")
   out = probe.main(["--models", "linear", "--rounds", "1", "--variants",
                     "sgd,aalig,aalig_noswitch,aalig_nocond",
                     "--json", str(tmp_path / "p.json"),
                     "--hlo-dir", str(tmp_path / "hlo")])
   res = out["models"]["linear"]
-  assert res["aalig"]["conditionals"] == 2
-  assert res["aalig_noswitch"]["conditionals"] == 1
-  assert res["aalig_nocond"]["conditionals"] == 0
+  for variant in ("aalig", "aalig_noswitch", "aalig_nocond"):
+    assert res[variant]["conditionals"] == 0
   assert all(r["median_s"] > 0 for r in res.values())
   assert (tmp_path / "p.json").exists()
   text = (tmp_path / "hlo" / "linear_aalig_nocond_step.txt").read_text()

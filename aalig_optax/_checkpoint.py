@@ -23,7 +23,6 @@ import numpy as np
 from aalig_optax._state import ScaleByAaligState
 
 STATE, CONFIGS = "state", "aalig_configs"
-LOCK_FILE = ".aalig_optax.lock"
 
 
 def _orbax():
@@ -130,7 +129,7 @@ def _check_directory(directory: str, step_prefix: Optional[str]) -> None:
   if not os.path.isdir(directory):
     return
   step = (re.escape(step_prefix) + "_" if step_prefix else "") + r"\d+"
-  others = sorted(e for e in os.listdir(directory) if e != LOCK_FILE and not
+  others = sorted(e for e in os.listdir(directory) if not
                   re.fullmatch(step + r"(\.orbax-checkpoint-tmp.*)?", e))
   if others:
     raise ValueError(
@@ -147,7 +146,8 @@ class CheckpointManager:
   ``orbax``): each step holds the state (``StandardSave``) and its AALIG
   configs (``JsonSave``). A directory holding anything but checkpoints, or a
   file, is refused (ValueError): nothing else is ever deleted. One writer per
-  directory: a second (a lock file, one host) raises a RuntimeError.
+  directory: a second (an flock on the directory, one host) raises a
+  RuntimeError.
 
   Args:
     directory: where the step directories go (created if missing).
@@ -182,7 +182,7 @@ class CheckpointManager:
     self._lock = None
     if not read_only and jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
-      self._lock = _lock(os.path.join(self.directory, LOCK_FILE))
+      self._lock = _lock(self.directory)
     try:
       self.orbax = ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(
@@ -198,17 +198,25 @@ class CheckpointManager:
         os.close(self._lock)
       raise
 
-  def save(self, step: int, state: Any) -> None:
+  def save(self, step: int, state: Any, *,
+           metadata: Optional[dict[str, Any]] = None) -> None:
     """Saves `state` (a pytree of arrays) as `step`, complete on return.
 
-    An existing step raises (StepAlreadyExistsError); it is not replaced."""
+    `metadata`: a JSON-able dict stored with the step (Orbax's
+    ``custom_metadata``), read back by :meth:`metadata`. An existing step
+    raises (StepAlreadyExistsError); it is not replaced."""
     ocp = _orbax()
     # force: Orbax's policy would skip, in silence, a step not after the
     # latest; an existing step still raises (StepAlreadyExistsError).
-    self.orbax.save(step, force=True, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        CONFIGS: ocp.args.JsonSave(_configs(state))}))
+    self.orbax.save(step, force=True, custom_metadata=metadata,
+                    args=ocp.args.Composite(**{
+                        STATE: ocp.args.StandardSave(state),
+                        CONFIGS: ocp.args.JsonSave(_configs(state))}))
     self.orbax.wait_until_finished()
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """The `metadata` saved with `step` ({} if none)."""
+    return dict(self.orbax.metadata(step).custom_metadata or {})
 
   def latest_step(self) -> Optional[int]:
     return self.orbax.latest_step()
@@ -279,10 +287,10 @@ class CheckpointManager:
     self.close()
 
 
-def _lock(path: str) -> Optional[int]:
-  """An exclusive lock on `path` (None where locks are unsupported)."""
+def _lock(directory: str) -> Optional[int]:
+  """An exclusive lock on `directory` itself (None where unsupported)."""
   import fcntl  # pylint: disable=g-import-not-at-top
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = os.open(directory, os.O_RDONLY)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
@@ -290,7 +298,7 @@ def _lock(path: str) -> Optional[int]:
     os.close(fd)
     if isinstance(e, BlockingIOError):
       raise RuntimeError(
-          f"{os.path.dirname(path)} is open for writing by another "
+          f"{directory} is open for writing by another "
           "CheckpointManager (in this or another process): one writer per "
           "checkpoint directory.") from None
     return None

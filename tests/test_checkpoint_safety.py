@@ -5,7 +5,8 @@ schedules.
   the next manager on the directory removes the debris.
 - Nothing that is not a checkpoint is ever deleted or replaced: a folder of
   other files, a plain file, ``"."``, an existing step, a symlink.
-- One writer per directory; a second is refused in one sentence.
+- One writer per directory (an flock on it); a second is refused in one
+  sentence.
 - A checkpoint is refused by a transform with another schedule, each field
   named (checkpoint vs expected).
 
@@ -37,7 +38,6 @@ from aalig_optax import scale_by_aalig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLED = 17  # the child's exit status at a deterministic kill point
-LOCK = ".aalig_optax.lock"
 
 
 def _bitwise_equal(a, b):
@@ -132,8 +132,7 @@ def _start_child(path, kill):
 
 
 def _debris(path):
-  return sorted(e for e in os.listdir(path)
-                if e != LOCK and not e.isdigit())
+  return sorted(e for e in os.listdir(path) if not e.isdigit())
 
 
 def test_save_killed_at_any_point_keeps_the_last_complete_step(tmp_path):
@@ -155,7 +154,7 @@ def test_save_killed_at_any_point_keeps_the_last_complete_step(tmp_path):
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
   assert _same(restore_state(path, like), new)
-  assert sorted(os.listdir(path)) == [LOCK, "1", "2"]
+  assert sorted(os.listdir(path)) == ["1", "2"]
   lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
   save_seconds = float(lines["SAVED"])
   events = lines["EVENTS"].split()
@@ -248,7 +247,7 @@ def test_saving_through_a_symlink_keeps_the_link(tmp_path):
   save_state(tmp_path / "link", TREE, step=0)
   save_state(tmp_path / "link", TREE, step=1, max_to_keep=1)
   assert os.path.islink(tmp_path / "link")
-  assert sorted(os.listdir(tmp_path / "real")) == [LOCK, "1"]
+  assert sorted(os.listdir(tmp_path / "real")) == ["1"]
   assert _same(restore_state(tmp_path / "link", TREE), TREE)
 
 
@@ -270,7 +269,7 @@ def test_a_second_writer_is_refused_and_a_reader_is_not(tmp_path):
     # Readers do not lock: the writer's last step restores meanwhile.
     assert _same(restore_state(path, TREE), TREE)
     writer.save(1, TREE)
-  assert sorted(os.listdir(path)) == [LOCK, "0", "1"]
+  assert sorted(os.listdir(path)) == ["0", "1"]
   save_state(path, TREE, step=2)  # closed: the directory is free again
 
 

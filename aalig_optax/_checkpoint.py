@@ -86,8 +86,8 @@ def validate_state(state: Any, like: Any) -> None:
     >>> try:
     ...   validate_state(state, like)
     ... except ValueError as e:
-    ...   print(str(e).splitlines()[1].split(":")[0].strip())
-    leaf '0/aov'
+    ...   print(str(e).splitlines()[0])
+    The state does not match the expected structure:
   """
   problems = _mismatches(state, like, "state")
   if problems:
@@ -144,8 +144,8 @@ class CheckpointManager:
 
   A thin layer on ``orbax.checkpoint.CheckpointManager`` (attribute
   ``orbax``): each step holds the state (``StandardSave``) and its AALIG
-  configs (``JsonSave``). A directory holding anything but checkpoints, or a
-  file, is refused (ValueError): nothing else is ever deleted. One writer per
+  configs (``JsonSave``). A writer refuses (ValueError) a directory holding
+  anything but checkpoints, or a file: nothing else is ever deleted. One writer per
   directory: a second (an flock on the directory, one host) raises a
   RuntimeError.
 
@@ -178,7 +178,8 @@ class CheckpointManager:
                read_only: bool = False):
     ocp = _orbax()
     self.directory = os.path.abspath(os.fspath(directory))
-    _check_directory(self.directory, step_prefix)
+    if not read_only:  # A reader deletes nothing, whatever lies beside.
+      _check_directory(self.directory, step_prefix)
     self._lock = None
     if not read_only and jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)

@@ -145,9 +145,9 @@ class CheckpointManager:
   A thin layer on ``orbax.checkpoint.CheckpointManager`` (attribute
   ``orbax``): each step holds the state (``StandardSave``) and its AALIG
   configs (``JsonSave``). A writer refuses (ValueError) a directory holding
-  anything but checkpoints, or a file: nothing else is ever deleted. One writer per
-  directory: a second (an flock on the directory, one host) raises a
-  RuntimeError.
+  anything but checkpoints, or a file: nothing else is ever deleted. One
+  writer per directory: a second (an flock on the directory, one host)
+  raises a RuntimeError.
 
   Args:
     directory: where the step directories go (created if missing).

@@ -16,6 +16,7 @@ from aalig_optax._alig import alig
 from aalig_optax._alig import project_l2_ball
 from aalig_optax._alig import scale_by_alig
 from aalig_optax._alig import ScaleByAligState
+from aalig_optax._checkpoint import CheckpointManager
 from aalig_optax._checkpoint import restore_state
 from aalig_optax._checkpoint import save_state
 from aalig_optax._checkpoint import validate_state
@@ -30,6 +31,7 @@ __all__ = (
     "aalig_metrics",
     "AaligConfig",
     "check_hyperparams",
+    "CheckpointManager",
     "alig",
     "check_indices",
     "current_aovs",

@@ -1,380 +1,330 @@
-"""Checked save and restore of training state (optimiser tables included).
+"""Checkpoints of training state (AALIG's tables included) on Orbax.
 
-A restore must never reshape, pad, truncate, cast or drop a per-example table
-in silence: a checkpoint written for another `num_examples`, `table_dtype` or
-`loss_estimate`, or one whose files are incomplete, raises a ValueError that
-names the leaf. Orbax (``orbax-checkpoint``) is imported only when these
-functions are called; the transforms themselves do not need it.
-
-Next to Orbax's files, :func:`save_state` writes ``aalig_checksums.json``:
-each leaf's shape, dtype and SHA-256, and the :class:`AaligConfig` of every
-:class:`ScaleByAaligState` in the tree (by its path). :func:`restore_state`
-uses it to catch damaged files, and to refuse a checkpoint of another AALIG
-schedule (`steps_per_epoch`, `epochs_per_section`, a lower `lower_bound`):
-its counters and AOVs would be read against the wrong sections.
-
-Saving is atomic on a local (POSIX) file system: the checkpoint is written in
-full beside its destination and renamed into place, so a save that fails or
-is killed at any moment leaves the previous checkpoint restorable (or no
-checkpoint, for a new one), never a mixture; the next save to the same path
-removes what a killed one left behind. Leaves may be arrays (JAX or NumPy)
-or Python ``bool``, ``int`` and ``float`` scalars, which restore as the same
-Python scalars. One process (or one multi-process job) writes a given path at
-a time.
+Orbax's ``CheckpointManager`` does the work: a directory per step, written
+under a temporary name and renamed into place when complete (a save killed at
+any moment leaves the previous steps restorable; the next writer removes the
+debris), the last `max_to_keep` steps kept. AALIG's own part: beside the
+arrays, each step stores the :class:`AaligConfig` of every
+:class:`ScaleByAaligState` in the tree as JSON, and a restore checks leaves
+and configs against `like`. The state is otherwise an arbitrary pytree.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
-import secrets
-import shutil
-from typing import Any
+from typing import Any, Optional
 import warnings
 
 import jax
 import numpy as np
 
-from aalig_optax import _manifest
-from aalig_optax._manifest import CHECKSUM_FILE
-from aalig_optax._manifest import validate_state
+from aalig_optax._state import ScaleByAaligState
 
-# Siblings of a checkpoint at PATH during a save: PATH.tmp-<hex> is the new
-# checkpoint being written (or an old one being deleted), PATH.old-<hex> the
-# previous, complete checkpoint between the two renames of a commit.
-_TMP = r"\.tmp-[0-9a-f]{16}(\.orbax-checkpoint-tmp.*)?|\.orbax-checkpoint-tmp.*"
-_OLD = r"\.old-[0-9a-f]{16}"
+STATE, CONFIGS = "state", "aalig_configs"
 
 
 def _orbax():
   try:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # pragma: no cover
-    raise ImportError(
-        "save_state/restore_state need orbax-checkpoint: "
-        "pip install orbax-checkpoint") from e
+    raise ImportError("checkpoints need orbax-checkpoint: "
+                      "pip install orbax-checkpoint") from e
   return ocp
 
 
-def _siblings(path: str, pattern: str) -> list[str]:
-  parent, name = os.path.split(path)
-  try:
-    entries = os.listdir(parent)
-  except FileNotFoundError:
-    return []
-  rx = re.compile(re.escape(name) + f"(?:{pattern})")
-  return sorted(os.path.join(parent, e) for e in entries if rx.fullmatch(e))
+def _path(key_path) -> str:
+  return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
-def _token() -> str:
-  """16 random hex digits, the same on every process."""
-  words = np.frombuffer(os.urandom(8), np.uint32)
-  if jax.process_count() > 1:
-    words = np.asarray(_multihost().broadcast_one_to_all(words))
-  return "".join(f"{int(w):08x}" for w in words)
+def _configs(tree) -> dict[str, Any]:
+  """{path: config as a dict} of every ScaleByAaligState in `tree`."""
+  nodes, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, ScaleByAaligState))
+  return {_path(p): dataclasses.asdict(s.config) for p, s in nodes
+          if isinstance(s, ScaleByAaligState) and s.config is not None}
 
 
-def _multihost():
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils
+def _spec(x) -> tuple[tuple[int, ...], Optional[np.dtype]]:
+  """A leaf's shape and dtype (none for a Python scalar: Orbax converts)."""
+  if isinstance(x, (bool, int, float)) or type(x).__name__ == "ScalarMetadata":
+    return (), None
+  return tuple(x.shape), np.dtype(x.dtype)
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    _multihost().sync_global_devices(name)
+def _mismatches(found, expected, what: str) -> list[str]:
+  """Each leaf of `found` (a `what`) that is missing, extra or differs."""
+  got = {_path(p): _spec(x) for p, x in
+         jax.tree_util.tree_flatten_with_path(found)[0]}
+  want = {_path(p): _spec(x) for p, x in
+          jax.tree_util.tree_flatten_with_path(expected)[0]}
+  problems = [f"leaf '{p}' is missing from the {what}"
+              for p in sorted(want.keys() - got.keys())]
+  problems += [f"leaf '{p}' is in the {what} but not expected"
+               for p in sorted(got.keys() - want.keys())]
+  for p in sorted(got.keys() & want.keys()):
+    (shape, dtype), (shape_want, dtype_want) = got[p], want[p]
+    if shape != shape_want or None not in (dtype, dtype_want) and (
+        dtype != dtype_want):
+      problems.append(
+          f"leaf '{p}': {what} has shape {shape} dtype {dtype}, expected "
+          f"shape {shape_want} dtype {dtype_want}")
+  return problems
 
 
-def _fsync(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass  # Not every file system syncs directories.
-  finally:
-    os.close(fd)
-
-
-def _delete_old(old: str, path: str) -> None:
-  """Deletes a previous checkpoint `old` of `path`.
-
-  It is renamed to a .tmp- name first, so that an .old- sibling is always
-  complete and a half-deleted one is mere debris.
-  """
-  trash = f"{path}.tmp-{secrets.token_hex(8)}"
-  try:
-    os.rename(old, trash)
-  except OSError:
-    trash = old
-  if os.path.isdir(trash) and not os.path.islink(trash):
-    shutil.rmtree(trash, ignore_errors=True)
-  else:  # `force` replaced a file or a link
-    os.remove(trash)
-
-
-def _recover(path: str) -> None:
-  """Finishes or undoes a save that was killed; removes its debris."""
-  olds = _siblings(path, _OLD)
-  if olds and not os.path.lexists(path):
-    # Killed between its two renames: the previous checkpoint goes back.
-    os.rename(olds.pop(), path)
-  for old in olds:
-    _delete_old(old, path)
-  for debris in _siblings(path, _TMP):
-    shutil.rmtree(debris, ignore_errors=True)
-
-
-def _resolve(path: str) -> str:
-  """The directory to read: `path`, or its previous checkpoint mid-commit."""
-  if os.path.isdir(path):
-    return path
-  olds = [p for p in _siblings(path, _OLD) if os.path.isdir(p)]
-  if olds:
-    return max(olds, key=os.path.getmtime)
-  raise FileNotFoundError(f"No checkpoint directory at {path}.")
-
-
-def _commit(tmp: str, path: str, token: str) -> None:
-  """Renames the complete checkpoint `tmp` to `path`, replacing one there."""
-  parent = os.path.dirname(path)
-  old = f"{path}.old-{token}"
-  replacing = os.path.lexists(path)
-  # A directory cannot be renamed over a non-empty one: the old checkpoint
-  # steps aside first. In between, restore_state reads it from `old`.
-  if replacing:
-    os.rename(path, old)
-  try:
-    os.rename(tmp, path)
-  except BaseException:
-    if replacing:
-      os.rename(old, path)
-    raise
-  _fsync(parent)
-  if replacing:
-    _delete_old(old, path)
-
-
-def save_state(directory: str | os.PathLike, state: Any, *,
-               force: bool = False) -> None:
-  """Saves a pytree (params, optimiser state, counters) with Orbax, atomically.
-
-  Blocks until the checkpoint is complete on disk. The checksums and the
-  AALIG configs (see the module docstring) are computed first, so a leaf that
-  cannot be saved fails before anything is written. Orbax then writes the
-  checkpoint to a sibling ``<directory>.tmp-<random>``, which is renamed to
-  `directory`. When `directory` exists (``force=True``), it is first renamed
-  to ``<directory>.old-<random>`` and deleted only after the new checkpoint is
-  in place; :func:`restore_state` reads the ``.old-`` sibling if a kill falls
-  between the two renames, and the next :func:`save_state` to the same path
-  puts it back (or deletes it) and removes other debris of a killed save. So
-  at every instant either the previous or the new checkpoint restores, and a
-  save that raises leaves the previous one (or nothing) untouched. While it
-  runs, the disk holds both checkpoints.
-
-  Args:
-    directory: the checkpoint's directory, on a local file system; must not
-      exist unless `force`.
-    state: a pytree whose leaves are arrays (JAX or NumPy, not empty) or
-      Python ``bool``, ``int`` (within int64) or ``float`` scalars, e.g.
-      ``{"params": p, "opt_state": s, "step": 3}``.
-    force: replace an existing checkpoint.
-
-  Raises:
-    ValueError: when `directory` exists and `force` is False.
-    TypeError: naming a leaf that cannot be saved (nothing is written).
-    Exception: whatever Orbax raises for a tree it cannot save (nothing is
-      written).
+def validate_state(state: Any, like: Any) -> None:
+  """Raises a ValueError naming each leaf (path) whose presence, shape or
+  dtype differs between `state` and `like` (e.g. ``jax.eval_shape(opt.init,
+  params)``): a state of another `num_examples` or `table_dtype`.
 
   Example:
-    >>> import tempfile, os, jax.numpy as jnp
-    >>> from aalig_optax import save_state, restore_state
-    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
-    >>> save_state(path, {"w": jnp.ones(2), "step": 3})
-    >>> save_state(path, {"w": jnp.zeros(2), "step": 4}, force=True)
-    >>> restore_state(path, {"w": jnp.ones(2), "step": 0})["step"]
-    4
+    >>> import jax, jax.numpy as jnp
+    >>> from aalig_optax import aalig, validate_state
+    >>> state = aalig(0.1, 10, 1, 1).init(jnp.zeros(2))
+    >>> like = jax.eval_shape(aalig(0.1, 12, 1, 1).init, jnp.zeros(2))
+    >>> try:
+    ...   validate_state(state, like)
+    ... except ValueError as e:
+    ...   print(str(e).splitlines()[0])
+    The state does not match the expected structure:
   """
-  ocp = _orbax()
-  path = os.path.abspath(os.fspath(directory))
-  primary = jax.process_index() == 0
-  text = json.dumps(_manifest.manifest(state))
-  if primary:
-    _recover(path)
-  _sync("aalig_save_state_recovered")
-  if os.path.lexists(path) and not force:
+  problems = _mismatches(state, like, "state")
+  if problems:
+    raise ValueError("The state does not match the expected structure:\n  "
+                     + "\n  ".join(problems))
+
+
+def _schedule_problems(stored: dict, expected: dict) -> list[str]:
+  """Each AALIG state whose config differs, with each field named."""
+  problems = []
+  for path, want in sorted(expected.items()):
+    have = stored.get(path)
+    if have is None:
+      problems.append(f"the checkpoint holds no AALIG state at '{path}'")
+      continue
+    diffs = []
+    for field in sorted(have.keys() | want.keys()):
+      old, new = have.get(field), want.get(field)
+      if field == "lower_bound":
+        # A lower bound is still met by the stored AOVs; None: injected as a
+        # JAX array, unknown until run time.
+        if old is None or new is None or new <= old:
+          continue
+      elif old == new:
+        continue
+      diffs.append(f"{field}={old!r} (checkpoint) vs {new!r} (expected)")
+    if diffs:
+      problems.append(
+          f"the AALIG state at '{path}' was saved for another schedule (its "
+          "counters and AOVs would be read against the wrong sections): "
+          + "; ".join(diffs))
+  return problems
+
+
+def _check_directory(directory: str, step_prefix: Optional[str]) -> None:
+  """Refuses a path that holds anything but Orbax's step directories."""
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"{directory} is a file, not a checkpoint directory.")
+  if not os.path.isdir(directory):
+    return
+  step = (re.escape(step_prefix) + "_" if step_prefix else "") + r"\d+"
+  others = sorted(e for e in os.listdir(directory) if not
+                  re.fullmatch(step + r"(\.orbax-checkpoint-tmp.*)?", e))
+  if others:
     raise ValueError(
-        f"Destination {path} already exists; pass force=True to replace it.")
-  token = _token()
-  tmp = f"{path}.tmp-{token}"
-  try:
-    # Synchronous: an asynchronous checkpointer that fails may still create
-    # its directories after save returns, behind our clean-up.
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        f"{directory} holds {', '.join(others[:5])}"
+        + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        + ", which are not checkpoints: checkpoints go to a directory of "
+        "their own (new or empty).")
+
+
+class CheckpointManager:
+  """Saves and restores training state, one Orbax step directory per step.
+
+  A thin layer on ``orbax.checkpoint.CheckpointManager`` (attribute
+  ``orbax``): each step holds the state (``StandardSave``) and its AALIG
+  configs (``JsonSave``). A writer refuses (ValueError) a directory holding
+  anything but checkpoints, or a file: nothing else is ever deleted. One
+  writer per directory: a second (an flock on the directory, one host)
+  raises a RuntimeError.
+
+  Args:
+    directory: where the step directories go (created if missing).
+    max_to_keep: keep only the latest this many steps (None: all).
+    step_prefix: name step directories ``<prefix>_<step>``, not ``<step>``.
+    step_format_fixed_length: pad the step number with zeros to this width.
+    read_only: open to restore only: no lock, no clean-up, no directory made.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> from aalig_optax import aalig, CheckpointManager
+    >>> p = jnp.zeros(2)
+    >>> tree = lambda tx: {"params": p, "opt_state": tx.init(p)}
+    >>> with CheckpointManager(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+    ...   ckpt.save(0, tree(aalig(0.1, 8, 4, 1)))
+    ...   like = jax.eval_shape(lambda: tree(aalig(0.1, 8, 2, 1)))
+    ...   try:
+    ...     ckpt.restore(like)
+    ...   except ValueError as e:
+    ...     print(str(e).split(": ")[-1])
+    steps_per_epoch=4 (checkpoint) vs 2 (expected)
+  """
+
+  def __init__(self, directory: str | os.PathLike, *,
+               max_to_keep: Optional[int] = None,
+               step_prefix: Optional[str] = None,
+               step_format_fixed_length: Optional[int] = None,
+               read_only: bool = False):
+    ocp = _orbax()
+    self.directory = os.path.abspath(os.fspath(directory))
+    if not read_only:  # A reader deletes nothing, whatever lies beside.
+      _check_directory(self.directory, step_prefix)
+    self._lock = None
+    if not read_only and jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      self._lock = _lock(self.directory)
     try:
-      checkpointer.save(tmp, args=ocp.args.StandardSave(state))
-    finally:
-      checkpointer.close()
-    if primary:
-      if not os.path.isdir(tmp):
-        raise RuntimeError(f"Orbax did not finish writing {tmp}.")
-      manifest = os.path.join(tmp, CHECKSUM_FILE)
-      with open(manifest, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-      _fsync(tmp)
-      _commit(tmp, path, token)
-  except BaseException:
-    if primary:  # The previous checkpoint (if any) is still in place.
-      for debris in _siblings(tmp, r"|\.orbax-checkpoint-tmp.*"):
-        shutil.rmtree(debris, ignore_errors=True)
-    raise
-  _sync("aalig_save_state_committed")
+      self.orbax = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, step_prefix=step_prefix,
+              step_format_fixed_length=step_format_fixed_length,
+              read_only=read_only, create=not read_only,
+              cleanup_tmp_directories=not read_only,
+              enable_async_checkpointing=False),
+          item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                         CONFIGS: ocp.JsonCheckpointHandler()})
+    except BaseException:
+      if self._lock is not None:
+        os.close(self._lock)
+      raise
+
+  def save(self, step: int, state: Any, *,
+           metadata: Optional[dict[str, Any]] = None) -> None:
+    """Saves `state` (a pytree of arrays) as `step`, complete on return.
+
+    `metadata`: a JSON-able dict stored with the step (Orbax's
+    ``custom_metadata``), read back by :meth:`metadata`. An existing step
+    raises (StepAlreadyExistsError); it is not replaced."""
+    ocp = _orbax()
+    # force: Orbax's policy would skip, in silence, a step not after the
+    # latest; an existing step still raises (StepAlreadyExistsError).
+    self.orbax.save(step, force=True, custom_metadata=metadata,
+                    args=ocp.args.Composite(**{
+                        STATE: ocp.args.StandardSave(state),
+                        CONFIGS: ocp.args.JsonSave(_configs(state))}))
+    self.orbax.wait_until_finished()
+
+  def metadata(self, step: int) -> dict[str, Any]:
+    """The `metadata` saved with `step` ({} if none)."""
+    return dict(self.orbax.metadata(step).custom_metadata or {})
+
+  def latest_step(self) -> Optional[int]:
+    return self.orbax.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.orbax.all_steps())
+
+  def restore(self, like: Any, step: Optional[int] = None) -> Any:
+    """Restores `step` (default: the latest) into the structure of `like`.
+
+    `like`: e.g. ``jax.eval_shape(lambda: {"params": p, "opt_state":
+    tx.init(p)})``; leaves with a ``sharding`` are restored with it. Raises
+    FileNotFoundError without the step, and ValueError naming each leaf
+    whose path, shape or dtype differs, each AALIG state saved for another
+    schedule with its fields (checkpoint vs expected; `lower_bound` may be
+    lower), or files that cannot be read.
+    """
+    ocp = _orbax()
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.all_steps():
+      raise FileNotFoundError(
+          f"No checkpoint{'' if step is None else f' of step {step}'} in "
+          f"{self.directory}.")
+    where = f"The checkpoint of step {step} in {self.directory}"
+    try:
+      metadata = self.orbax.item_metadata(step)
+      stored = metadata[STATE]
+      stored = getattr(stored, "tree", stored)
+      if stored is None:
+        raise ValueError("no state metadata")
+      configs = None
+      if CONFIGS in metadata.keys():
+        configs = self.orbax.restore(step, args=ocp.args.Composite(**{
+            CONFIGS: ocp.args.JsonRestore()}))[CONFIGS]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{where} is incomplete or corrupt: its metadata "
+                       f"cannot be read ({type(e).__name__}: {e}).") from e
+    problems = _mismatches(stored, like, "checkpoint")
+    if configs is None and _configs(like):
+      warnings.warn(f"{where} records no AALIG config: its schedule cannot "
+                    "be checked.", UserWarning, stacklevel=2)
+    elif configs is not None:
+      problems += _schedule_problems(configs, _configs(like))
+    if problems:
+      raise ValueError(f"{where} does not match the expected state:\n  "
+                       + "\n  ".join(problems))
+    abstract = jax.tree.map(
+        lambda x: x if isinstance(x, (bool, int, float)) else
+        jax.ShapeDtypeStruct(x.shape, x.dtype,
+                             sharding=getattr(x, "sharding", None)), like)
+    try:
+      return self.orbax.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(abstract)}))[STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{where} is incomplete or corrupt: reading its "
+                       f"arrays failed ({type(e).__name__}: {e}).") from e
+
+  def close(self) -> None:
+    self.orbax.close()
+    if self._lock is not None:
+      os.close(self._lock)
+      self._lock = None
+
+  def __enter__(self) -> "CheckpointManager":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _lock(directory: str) -> Optional[int]:
+  """An exclusive lock on `directory` itself (None where unsupported)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+  except OSError as e:
+    os.close(fd)
+    if isinstance(e, BlockingIOError):
+      raise RuntimeError(
+          f"{directory} is open for writing by another "
+          "CheckpointManager (in this or another process): one writer per "
+          "checkpoint directory.") from None
+    return None
+
+
+def save_state(directory: str | os.PathLike, state: Any, *, step: int,
+               max_to_keep: Optional[int] = None) -> None:
+  """Saves `state` as `step` in `directory`: ``CheckpointManager`` once.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> from aalig_optax import save_state, restore_state
+    >>> path = tempfile.mkdtemp()
+    >>> save_state(path, {"w": jnp.ones(2)}, step=3)
+    >>> save_state(path, {"w": jnp.zeros(2)}, step=4)
+    >>> restore_state(path, {"w": jnp.ones(2)})["w"].tolist()
+    [0.0, 0.0]
+  """
+  with CheckpointManager(directory, max_to_keep=max_to_keep) as manager:
+    manager.save(step, state)
 
 
 def restore_state(directory: str | os.PathLike, like: Any, *,
-                  verify_checksums: bool = True) -> Any:
-  """Restores a checkpoint of :func:`save_state`, checked against `like`.
-
-  The stored leaves' paths, shapes and dtypes are compared with `like` before
-  any array is read, and the restored tree is checked again: nothing is
-  padded, truncated, cast or dropped. Each :class:`ScaleByAaligState` in
-  `like` is checked against the config stored for the same path:
-  `num_examples`, `steps_per_epoch`, `epochs_per_section`, `loss_estimate`
-  and `table_dtype` must be equal, and `lower_bound` must not be higher than
-  the stored one (a lower bound is still met by the stored AOVs; a bound
-  injected as a JAX array, on either side, is not compared). A checkpoint
-  that records no config for such a state (written before configs were
-  recorded, or by plain Orbax) is restored with a ``UserWarning``.
-
-  If `directory` is missing because a :func:`save_state` overwriting it was
-  killed between its two renames, the previous checkpoint is read from the
-  ``<directory>.old-*`` sibling.
-
-  Args:
-    directory: the checkpoint's directory.
-    like: the expected pytree, with ``jax.ShapeDtypeStruct`` or array leaves,
-      e.g. ``jax.eval_shape(lambda: {"params": p, "opt_state": opt.init(p)})``,
-      which keeps each AALIG state's static config. Leaves that carry a
-      ``sharding`` are restored with it, so a checkpoint can be restored onto
-      a different set of devices. Where a Python scalar was saved, `like` may
-      hold a Python scalar of the same type or a shape-() leaf of its kind
-      (what ``jax.eval_shape`` makes of it: int32 for an int, float32 for a
-      float); either way the saved Python scalar comes back, unchanged.
-    verify_checksums: compare every restored leaf with the SHA-256 that
-      :func:`save_state` recorded (its checksum file missing or malformed is
-      an error); False for checkpoints written by plain Orbax, whose AALIG
-      schedule then cannot be checked (a ``UserWarning``).
-
-  Returns:
-    The restored pytree, with the structure of `like` (AALIG configs
-    included).
-
-  Raises:
-    FileNotFoundError: when `directory` does not exist.
-    ValueError: when the checkpoint is incomplete or corrupt (its checksum
-      file malformed included), or does not match `like`: the message names
-      each mismatched leaf, and each AALIG state saved for another schedule
-      with its differing fields (checkpoint vs expected).
-
-  Example:
-    >>> import tempfile, os, jax, jax.numpy as jnp
-    >>> from aalig_optax import aalig, save_state, restore_state
-    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt")
-    >>> p = jnp.zeros(2)
-    >>> tree = lambda tx: {"params": p, "opt_state": tx.init(p)}
-    >>> save_state(path, tree(aalig(0.1, 8, 4, 1)))
-    >>> like = jax.eval_shape(lambda: tree(aalig(0.1, 8, 2, 1)))
-    >>> try:
-    ...   restore_state(path, like)
-    ... except ValueError as e:
-    ...   print(str(e).split(": ")[-1])
-    steps_per_epoch=4 (checkpoint) vs 2 (expected)
-  """
-  ocp = _orbax()
-  path = _resolve(os.path.abspath(os.fspath(directory)))
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    try:
-      metadata = checkpointer.metadata(path)
-      stored = _manifest.specs(getattr(metadata, "item_metadata", metadata),
-                      "checkpoint")
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(
-          f"The checkpoint at {path} is incomplete or corrupt: its metadata "
-          f"cannot be read ({type(e).__name__}: {e}).") from e
-    if not stored:
-      raise ValueError(
-          f"The checkpoint at {path} is incomplete or corrupt: it lists no "
-          "arrays.")
-    checksums, configs, unreadable = None, None, None
-    try:
-      with open(os.path.join(path, CHECKSUM_FILE)) as f:
-        checksums, configs = _manifest.parse_manifest(json.load(f))
-    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-      unreadable = f"{type(e).__name__}: {e}"
-      if verify_checksums:
-        raise ValueError(
-            f"The checkpoint at {path} is incomplete or corrupt: its "
-            f"{CHECKSUM_FILE}, written when save_state finishes, cannot be "
-            f"read ({unreadable}). Pass verify_checksums=False for a "
-            "checkpoint not written by save_state.") from e
-    if not verify_checksums:
-      checksums = None
-    expected = _manifest.specs(like, "expected state")
-
-    def target(key_path, x):
-      got = stored.get(_manifest.path_str(key_path))
-      if got is not None and got.python is not None:
-        # Orbax restores a Python scalar into a Python scalar of its type.
-        return _manifest.SCALAR_TYPES[got.python]()
-      if (type(x) in _manifest.PYTHON_SCALARS
-          or isinstance(x, jax.ShapeDtypeStruct)):
-        return x
-      return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                  sharding=getattr(x, "sharding", None))
-
-    abstract = jax.tree_util.tree_map_with_path(target, like)
-    problems, unchecked = _manifest.schedule_problems(
-        configs, _manifest.configs(like))
-    problems += _manifest.compare(stored, expected, "checkpoint")
-    if problems:
-      raise ValueError(
-          f"The checkpoint at {path} does not match the expected state:\n  "
-          + "\n  ".join(problems))
-    if unchecked:
-      warnings.warn(
-          f"The checkpoint at {path} records no AALIG config for "
-          f"{', '.join(repr(p) for p in unchecked)} (it was written before "
-          "save_state recorded them, or not by save_state"
-          + (f"; {CHECKSUM_FILE}: {unreadable}" if unreadable else "")
-          + "): its schedule cannot be checked against the transform's "
-          "steps_per_epoch, epochs_per_section and lower_bound.",
-          UserWarning, stacklevel=2)
-    try:
-      restored = checkpointer.restore(path, abstract)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(
-          f"The checkpoint at {path} is incomplete or corrupt: reading its "
-          f"arrays failed ({type(e).__name__}: {e}).") from e
-  finally:
-    checkpointer.close()
-  validate_state(restored, abstract)
-  if checksums is not None:
-    damaged = []
-    for p, x in _manifest.flat(restored).items():
-      entry = checksums.get(p)
-      got = _manifest.digest(x, _manifest.spec(x))
-      if entry is None or (got is not None
-                           and entry["sha256"] not in (None, got)):
-        damaged.append(p)
-    if damaged:
-      raise ValueError(
-          f"The checkpoint at {path} is corrupt: the restored values of "
-          f"{', '.join(repr(p) for p in damaged)} differ from what save_state "
-          "wrote (checksum mismatch).")
-  return restored
-
+                  step: Optional[int] = None) -> Any:
+  """Restores `step` (default: the latest) of `directory`, checked against
+  `like`: see :meth:`CheckpointManager.restore`."""
+  with CheckpointManager(directory, read_only=True) as manager:
+    return manager.restore(like, step)

@@ -98,9 +98,10 @@ API_GROUPS = [
     ("Metrics and checks", "Logging, and host-side errors for what a jitted "
      "step can only count.",
      ["aalig_metrics", "check_indices", "check_hyperparams"]),
-    ("Checkpoints", "Checked save and restore of the state (needs "
+    ("Checkpoints", "Save and restore of the state on Orbax's "
+     "`CheckpointManager`, checked against the transform (needs "
      "`orbax-checkpoint`).",
-     ["save_state", "restore_state", "validate_state"]),
+     ["CheckpointManager", "save_state", "restore_state", "validate_state"]),
     ("Sharding and several hosts", "Placing the tables on a device mesh and "
      "splitting the examples over processes.",
      ["state_shardings", "process_example_range"]),

@@ -287,7 +287,7 @@ def summary_row(name, hists, floor, initial_aovs=None) -> dict:
 def main(argv=None):
   parser = cli.make_parser(__doc__, presets=PRESETS,
                            workdir="runs/distillation", quiet=True)
-  cli.preset_arg(parser, "--seeds", PRESETS, type=int,
+  cli.preset_arg(parser, "--seeds", PRESETS, type=cli.positive_int,
                  help="number of seeds to average over")
   cli.preset_arg(parser, "--variants", PRESETS,
                  help=f"AALIG students, comma-separated, from "

@@ -165,11 +165,12 @@ def main(argv=None):
       __doc__, presets=PRESETS, workdir="runs/matrix_factorisation",
       quiet=True)
   parser.add_argument("--problems", default=",".join(PROBLEMS),
+                      type=cli.comma_list(PROBLEMS),
                       help=f"comma-separated, from {list(PROBLEMS)}")
   parser.add_argument("--momentum", type=float, default=0.0,
                       help="momentum of aalig/alig/sgd (the convex problems "
                       "of Sec. 5.1 use none)")
-  cli.preset_arg(parser, "--seeds", PRESETS, type=int,
+  cli.preset_arg(parser, "--seeds", PRESETS, type=cli.positive_int,
                  help="number of seeds to average over")
   args = cli.parse(parser, argv, PRESETS)
   cli.check_workdir(args)

@@ -373,7 +373,7 @@ def main(argv=None):
                       help="keep the first N training points (quick runs)")
   parser.add_argument("--momentum", type=float, default=0.0,
                       help="momentum of aalig/alig/sgd (Sec. 5.1: none)")
-  cli.preset_arg(parser, "--seeds", PRESETS, type=int,
+  cli.preset_arg(parser, "--seeds", PRESETS, type=cli.positive_int,
                  help="seeds per optimiser (init and batch order)")
   parser.add_argument("--sweep", action="store_true",
                       help="cross-validate the step sizes over GRIDS (with "

@@ -5,7 +5,7 @@ Run as a script, it is the "fresh process" of an exact-resume test:
 
   python _resume_worker.py CKPT OUT.npz LOSS_ESTIMATE STOP [MESH_DEVICES]
 
-restores the checkpoint CKPT with `aalig_optax.restore_state`, continues
+restores the latest step in CKPT with `aalig_optax.restore_state`, continues
 training to step STOP and writes every state leaf and the step sizes to
 OUT.npz. With MESH_DEVICES the tables are restored sharded over that many
 devices.
@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from aalig_optax import aalig
+from aalig_optax import aalig_metrics
 from aalig_optax import restore_state
 from aalig_optax import state_shardings
 
@@ -82,7 +83,7 @@ def initial(opt):
 
 
 def step_size_of(opt_state):
-  return opt_state.inner_state[0].step_size
+  return aalig_metrics(opt_state)["step_size"]
 
 
 def train(tree, stop, opt, on_step=None, shardings=None):

@@ -1,16 +1,21 @@
-"""save_state/restore_state under kills, odd leaves and other schedules.
+"""Checkpoints (CheckpointManager on Orbax) under kills, misuse and other
+schedules.
 
-Reliability issue items 8 (an overwrite killed at any moment keeps a
-restorable checkpoint), 9 (any pytree Orbax accepts, including Python
-scalars; a failed save changes nothing; a malformed checksum file is a
-ValueError) and 10 (a checkpoint is refused by a transform with another
-schedule).
+- A save killed at any moment leaves the last complete step restorable, and
+  the next manager on the directory removes the debris.
+- Nothing that is not a checkpoint is ever deleted or replaced: a folder of
+  other files, a plain file, ``"."``, an existing step, a symlink.
+- One writer per directory (an flock on it); a second is refused in one
+  sentence.
+- A checkpoint is refused by a transform with another schedule, each field
+  named (checkpoint vs expected).
+
+States are built by the public ``aalig(...).init``; the tests name no field
+of the state but ``config``.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import signal
@@ -18,7 +23,6 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +31,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from aalig_optax import aalig
+from aalig_optax import CheckpointManager
 from aalig_optax import restore_state
 from aalig_optax import save_state
 from aalig_optax import scale_by_aalig
-from aalig_optax import ScaleByAaligState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKSUMS = "aalig_checksums.json"
 KILLED = 17  # the child's exit status at a deterministic kill point
 
 
@@ -50,9 +53,16 @@ def _same(got, want):
              for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
+def _randomised(tree, seed):
+  """`tree` with every float leaf replaced by random values (tables too)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: jnp.asarray(rng.random(x.shape), x.dtype)
+      if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 # --------------------------------------------------------------------------
-# Item 8: an overwrite killed at any moment leaves the old or the new
-# checkpoint, never neither.
+# A save killed at any moment leaves the last complete step restorable.
 # --------------------------------------------------------------------------
 
 N_BIG = 100_000
@@ -60,23 +70,18 @@ N_BIG = 100_000
 
 def _big_tree(seed):
   """About 4 MB of params and AALIG tables; `seed` picks the values."""
-  rng = np.random.default_rng(seed)
   opt = aalig(0.1, N_BIG, 10, 2)
-  params = {"w": jnp.asarray(rng.random((500, 1000)), jnp.float32),
-            "b": jnp.asarray(rng.random(1000), jnp.float32)}
-  state = opt.init(params)
-  core = state[0]._replace(
-      aov=jnp.asarray(rng.random(N_BIG), jnp.float32),
-      last_loss=jnp.asarray(rng.random(N_BIG), jnp.float32))
-  return {"params": params, "opt_state": (core, state[1]),
-          "step": jnp.asarray(seed, jnp.int32)}
+  params = {"w": jnp.zeros((500, 1000)), "b": jnp.zeros(1000)}
+  return _randomised({"params": params, "opt_state": opt.init(params),
+                      "step": jnp.asarray(seed, jnp.int32)}, seed)
 
 
 def _child():
-  """Child process: overwrite argv[1] with _big_tree(2), dying at a point.
+  """Child process: save _big_tree(2) as step 2 into argv[1] (which holds
+  steps 0 and 1; max_to_keep=2, so step 0 is deleted), dying at a point.
 
   argv[2] is "none" (run to the end, printing every file-system event), an
-  event such as "rename#2" (os._exit just before the second os.rename),
+  event such as "rename#1" (os._exit just before the first os.rename),
   "rmtree-mid#1" (the first shutil.rmtree deletes about half the files, then
   os._exit: a kill in the middle of a deletion) or "signal" (wait for the
   parent's SIGKILL).
@@ -86,17 +91,13 @@ def _child():
   jax.block_until_ready(tree)
   counts, events = {}, []
 
-  def event(name):
-    counts[name] = counts.get(name, 0) + 1
-    label = f"{name}#{counts[name]}"
-    events.append(label)
-    return label
-
   def hooked(module, name):
     real = getattr(module, name)
 
     def wrapped(*args, **kwargs):
-      label = event(name)
+      counts[name] = counts.get(name, 0) + 1
+      label = f"{name}#{counts[name]}"
+      events.append(label)
       if label == kill:
         os._exit(KILLED)
       if name == "rmtree" and kill == f"rmtree-mid#{counts['rmtree']}":
@@ -109,11 +110,12 @@ def _child():
 
     setattr(module, name, wrapped)
 
+  manager = CheckpointManager(path, max_to_keep=2)
   for module, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
     hooked(module, name)
   print("SAVING", flush=True)
   start = time.time()
-  save_state(path, tree, force=True)
+  manager.save(2, tree)
   print("SAVED", time.time() - start, flush=True)
   print("EVENTS", " ".join(events), flush=True)
 
@@ -129,26 +131,35 @@ def _start_child(path, kill):
                           stderr=subprocess.PIPE, text=True)
 
 
-def test_overwrite_killed_at_any_point_keeps_old_or_new(tmp_path):
+def _debris(path):
+  return sorted(e for e in os.listdir(path) if not e.isdigit())
+
+
+def test_save_killed_at_any_point_keeps_the_last_complete_step(tmp_path):
   old, new = _big_tree(1), _big_tree(2)
   like = jax.eval_shape(lambda: old)
   good = tmp_path / "good" / "ckpt"
-  save_state(good, old)
+  with CheckpointManager(good, max_to_keep=2) as manager:
+    manager.save(0, _big_tree(0))
+    manager.save(1, old)
 
   def fresh_copy(label):
     path = tmp_path / label.replace("#", "_") / "ckpt"
     shutil.copytree(good, path)
     return path
 
-  # An uninterrupted overwrite, to list its file-system events.
+  # An uninterrupted save, to list its file-system events.
   path = fresh_copy("complete")
   proc = _start_child(path, "none")
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
   assert _same(restore_state(path, like), new)
+  assert sorted(os.listdir(path)) == ["1", "2"]
   lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
   save_seconds = float(lines["SAVED"])
   events = lines["EVENTS"].split()
+  assert any(e.startswith("rename") for e in events), events
+  assert any(e.startswith("rmtree") for e in events), events
   kills = events + [e.replace("rmtree", "rmtree-mid") for e in events
                     if e.startswith("rmtree")]
   kills += ["signal#1", "signal#2"]
@@ -177,104 +188,139 @@ def test_overwrite_killed_at_any_point_keeps_old_or_new(tmp_path):
         continue
       outcomes[kill] = ("old" if _same(got, old) else
                         "new" if _same(got, new) else "other values")
-      # The next save recovers from the kill and leaves no debris.
-      save_state(path, new, force=True)
+      # The next manager removes the killed save's debris; saving goes on.
+      save_state(path, new, step=3, max_to_keep=2)
       assert _same(restore_state(path, like), new), kill
-      assert os.listdir(path.parent) == ["ckpt"], (kill,
-                                                   os.listdir(path.parent))
+      assert sorted(os.listdir(path))[-1] == "3", (kill, os.listdir(path))
+      assert not _debris(path), (kill, os.listdir(path))
   print(outcomes)
   bad = {k: v for k, v in outcomes.items() if v not in ("old", "new")}
-  assert not bad, f"after these kills neither checkpoint restores: {bad}"
-  # The kill points did fall inside the overwrite.
+  assert not bad, f"after these kills the last step does not restore: {bad}"
+  # The kill points did fall inside the save.
   assert "old" in outcomes.values()
 
 
 # --------------------------------------------------------------------------
-# Item 9: any pytree Orbax accepts; a failed save changes nothing; a
-# malformed checksum file is a ValueError.
+# Nothing that is not a checkpoint is deleted or replaced (red-team item 4,
+# and item 7's symlink and two writers).
 # --------------------------------------------------------------------------
 
-
-def _scalars_tree():
-  return {"step": 3, "lr": 0.1, "big": 2**62 + 1, "nan": math.nan,
-          "inf": -math.inf, "flag": True, "w": jnp.ones(2)}
+TREE = {"w": jnp.arange(3.0), "step": jnp.asarray(1)}
 
 
-@pytest.mark.parametrize("like_from", ["same tree", "eval_shape"])
-def test_python_scalar_leaves_round_trip(tmp_path, like_from):
-  tree = _scalars_tree()
-  save_state(tmp_path / "ckpt", tree)
-  # eval_shape gives int32/float32/bool ShapeDtypeStructs (and cannot trace
-  # an int beyond int32: its like holds a Python int there).
-  like = (tree if like_from == "same tree" else dict(
-      jax.eval_shape(lambda: dict(_scalars_tree(), big=0)), big=0))
-  got = restore_state(tmp_path / "ckpt", like)
-  assert jax.tree.structure(got) == jax.tree.structure(tree)
-  for key, want in tree.items():
-    if isinstance(want, jax.Array):
-      assert _bitwise_equal(got[key], want)
-    else:  # the Python scalar as saved: its type and exact value
-      assert type(got[key]) is type(want), key
-      assert got[key] == want or (math.isnan(want) and math.isnan(got[key]))
+@pytest.mark.parametrize("what", ["a folder of user files", "a plain file",
+                                  "the current directory"])
+def test_never_deletes_what_is_not_a_checkpoint(tmp_path, monkeypatch, what):
+  if what == "a folder of user files":
+    path = tmp_path / "mine"
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work")
+  elif what == "a plain file":
+    path = tmp_path / "thesis.tex"
+    path.write_text("years of work")
+  else:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("years of work")
+    path = "."
+  with pytest.raises(ValueError, match=r"not a checkpoint|not checkpoints"):
+    save_state(path, TREE, step=0)
+  with pytest.raises(ValueError, match=r"not a checkpoint|not checkpoints"):
+    CheckpointManager(path, max_to_keep=1)
+  assert sorted(os.listdir(tmp_path)) == (
+      ["mine"] if what == "a folder of user files" else ["thesis.tex"])
+  kept = (tmp_path / "mine" / "thesis.tex" if what == "a folder of user files"
+          else tmp_path / "thesis.tex")
+  assert kept.read_text() == "years of work"
 
 
-def test_python_scalar_against_another_kind_is_a_clear_error(tmp_path):
-  save_state(tmp_path / "ckpt", _scalars_tree())
-  like = dict(_scalars_tree(), step=0.0)
-  with pytest.raises(ValueError, match=r"leaf 'step'.*Python int.*"
-                     r"expected a Python float"):
-    restore_state(tmp_path / "ckpt", like)
-  like = dict(_scalars_tree(), lr=jax.ShapeDtypeStruct((2,), jnp.float32))
-  with pytest.raises(ValueError, match=r"leaf 'lr'.*Python float.*expected "
-                     r"shape \(2,\)"):
-    restore_state(tmp_path / "ckpt", like)
-  # An array leaf is not turned into a Python scalar either.
-  like = dict(_scalars_tree(), w=1.0)
-  with pytest.raises(ValueError, match=r"leaf 'w'.*shape \(2,\).*expected a "
-                     r"Python float"):
-    restore_state(tmp_path / "ckpt", like)
+def test_an_existing_step_is_never_replaced(tmp_path):
+  save_state(tmp_path / "ckpt", TREE, step=0)
+  with pytest.raises(ValueError, match=r"already exists"):
+    save_state(tmp_path / "ckpt", {"w": jnp.zeros(3), "step": jnp.asarray(2)},
+               step=0)
+  assert _same(restore_state(tmp_path / "ckpt", TREE), TREE)
 
 
-@pytest.mark.parametrize("bad", ["zero-size array", "int beyond int64",
-                                 "string"])
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+  (tmp_path / "real").mkdir()
+  os.symlink(tmp_path / "real", tmp_path / "link")
+  save_state(tmp_path / "link", TREE, step=0)
+  save_state(tmp_path / "link", TREE, step=1, max_to_keep=1)
+  assert os.path.islink(tmp_path / "link")
+  assert sorted(os.listdir(tmp_path / "real")) == ["1"]
+  assert _same(restore_state(tmp_path / "link", TREE), TREE)
+
+
+def test_a_second_writer_is_refused_and_a_reader_is_not(tmp_path):
+  path = tmp_path / "ckpt"
+  with CheckpointManager(path, max_to_keep=2) as writer:
+    writer.save(0, TREE)
+    with pytest.raises(RuntimeError, match=r"another CheckpointManager"):
+      CheckpointManager(path)
+    # The same from another process, in one sentence.
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, jax.numpy as jnp; "
+         "from aalig_optax import save_state; "
+         "save_state(sys.argv[1], {'w': jnp.zeros(3)}, step=1)", str(path)],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "one writer per checkpoint directory" in proc.stderr
+    # Readers do not lock: the writer's last step restores meanwhile.
+    assert _same(restore_state(path, TREE), TREE)
+    writer.save(1, TREE)
+  assert sorted(os.listdir(path)) == ["0", "1"]
+  save_state(path, TREE, step=2)  # closed: the directory is free again
+
+
+def test_missing_checkpoint_is_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    restore_state(tmp_path / "nowhere", TREE)
+  save_state(tmp_path / "ckpt", TREE, step=0)
+  with pytest.raises(FileNotFoundError, match="step 5"):
+    restore_state(tmp_path / "ckpt", TREE, step=5)
+
+
 @pytest.mark.parametrize("over", ["a good checkpoint", "nothing"])
-def test_failed_save_changes_nothing(tmp_path, bad, over):
-  bad_leaf = {"zero-size array": jnp.ones((0,)), "int beyond int64": 2**70,
-              "string": "text"}[bad]
-  good = {"w": jnp.arange(3.0), "step": jnp.asarray(1)}
+def test_failed_save_changes_nothing(tmp_path, over):
   path = tmp_path / "ckpt"
   if over == "a good checkpoint":
-    save_state(path, good)
+    save_state(path, TREE, step=0)
   with pytest.raises(Exception):  # pylint: disable=broad-except
-    save_state(path, {"w": jnp.zeros(3), "step": jnp.asarray(2),
-                      "bad": bad_leaf}, force=True)
+    save_state(path, dict(TREE, bad="text"), step=1)
+  assert "1" not in os.listdir(path)
   if over == "a good checkpoint":
-    assert _same(restore_state(path, jax.eval_shape(lambda: good)), good)
-    assert os.listdir(tmp_path) == ["ckpt"]
-  else:
-    assert not os.listdir(tmp_path)
+    assert _same(restore_state(path, TREE), TREE)
+  # Orbax's temporary folder stays until the next writer on the path.
+  save_state(path, TREE, step=2)
+  assert not _debris(path), os.listdir(path)
 
 
-@pytest.mark.parametrize("content", [
-    "[]", "null", '"leaves"', '{"leaves": []}', '{"leaves": {"w": 3}}',
-    '{"leaves": {"w": {"sha256": 5}}}', '{"leaves": {"w": {}}}',
-    '{"leaves": {"w": {"sha256": null}}, "configs": []}',
-    '{"leaves": {"w": {"sha256": null}}, "configs": {"x": 3}}',
-    '{"leaves": {"w": {"sha256": null}}, "configs": {"x": {"num_examples":'
-    ' "ten"}}}',
-    "{not json",
-])
-def test_malformed_checksum_file_is_a_corrupt_checkpoint(tmp_path, content):
-  tree = {"w": jnp.arange(3.0)}
-  save_state(tmp_path / "ckpt", tree)
-  with open(tmp_path / "ckpt" / CHECKSUMS, "w") as f:
-    f.write(content)
+def test_python_scalar_leaves_round_trip(tmp_path):
+  tree = {"step": 3, "lr": 0.1, "flag": True, "w": jnp.ones(2)}
+  save_state(tmp_path / "ckpt", tree, step=0)
+  got = restore_state(tmp_path / "ckpt", tree)
+  assert jax.tree.structure(got) == jax.tree.structure(tree)
+  assert got["step"] == 3 and got["lr"] == 0.1 and got["flag"]
+  assert _bitwise_equal(got["w"], tree["w"])
+
+
+def test_malformed_config_file_is_a_corrupt_checkpoint(tmp_path):
+  save_state(tmp_path / "ckpt", {"s": aalig(0.1, 8, 2, 1).init(jnp.zeros(2))},
+             step=0)
+  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "ckpt")
+           for f in fs if "aalig_configs" in d and f == "metadata"]
+  assert len(files) == 1
+  with open(files[0], "w") as f:
+    f.write("{not json")
   with pytest.raises(ValueError, match=r"corrupt"):
-    restore_state(tmp_path / "ckpt", tree)
+    restore_state(tmp_path / "ckpt",
+                  jax.eval_shape(lambda: {"s": aalig(0.1, 8, 2, 1).init(
+                      jnp.zeros(2))}))
 
 
 # --------------------------------------------------------------------------
-# Item 10: restoring into a transform with another schedule.
+# Restoring into a transform with another schedule.
 # --------------------------------------------------------------------------
 
 BASE = {"num_examples": 40, "steps_per_epoch": 5, "epochs_per_section": 2,
@@ -299,7 +345,7 @@ def _like(opt):
 
 @pytest.fixture(name="ckpt")
 def fixture_ckpt(tmp_path):
-  save_state(tmp_path / "ckpt", _state_tree(_opt()))
+  save_state(tmp_path / "ckpt", _state_tree(_opt()), step=0)
   return tmp_path / "ckpt"
 
 
@@ -349,7 +395,7 @@ def test_restore_accepts_a_lower_or_injected_lower_bound(ckpt):
 def test_injected_lower_bound_in_the_checkpoint_is_not_compared(tmp_path):
   tx = scale_by_aalig(0.1, 40, 5, 2, lower_bound=jnp.asarray(3.0))
   params = jnp.zeros(2)
-  save_state(tmp_path / "ckpt", {"s": tx.init(params)})
+  save_state(tmp_path / "ckpt", {"s": tx.init(params)}, step=0)
   like = jax.eval_shape(
       lambda: {"s": scale_by_aalig(0.1, 40, 5, 2, lower_bound=9.0).init(
           params)})
@@ -361,78 +407,28 @@ def test_schedule_is_checked_by_path_inside_nested_transforms(tmp_path):
     import optax  # pylint: disable=g-import-not-at-top
     return optax.apply_if_finite(_opt(steps_per_epoch=steps), 3)
 
-  save_state(tmp_path / "ckpt", _state_tree(tx(5)))
+  save_state(tmp_path / "ckpt", _state_tree(tx(5)), step=0)
   restore_state(tmp_path / "ckpt", _like(tx(5)))
   with pytest.raises(ValueError, match=r"'opt_state/inner_state/0'.*"
                      r"steps_per_epoch=5 \(checkpoint\) vs 7 \(expected\)"):
     restore_state(tmp_path / "ckpt", _like(tx(7)))
 
 
-def test_checkpoint_without_schedule_is_accepted_with_a_warning(ckpt,
-                                                                tmp_path):
-  # Written before configs were recorded: drop them from the checksum file.
-  with open(ckpt / CHECKSUMS) as f:
-    manifest = json.load(f)
-  assert "configs" in manifest
-  del manifest["configs"]
-  with open(ckpt / CHECKSUMS, "w") as f:
-    json.dump(manifest, f)
+def _plain_orbax(path, tree):
+  manager = ocp.CheckpointManager(path)
+  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_checkpoint_without_schedule_is_accepted_with_a_warning(tmp_path):
+  # Written by plain Orbax: no configs beside the arrays.
+  _plain_orbax(tmp_path / "plain", _state_tree(_opt()))
   with pytest.warns(UserWarning, match=r"schedule cannot be checked"):
-    restore_state(ckpt, _like(_opt(steps_per_epoch=4)))
-  # Written by plain Orbax.
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "plain", _state_tree(_opt()))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  with pytest.warns(UserWarning, match=r"schedule cannot be checked"):
-    restore_state(tmp_path / "plain", _like(_opt()), verify_checksums=False)
+    restore_state(tmp_path / "plain", _like(_opt(steps_per_epoch=4)))
   # No AALIG state in `like`: nothing to check, nothing to warn about.
   params = {"w": jnp.arange(3.0)}
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "plain_params", params)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  _plain_orbax(tmp_path / "plain_params", params)
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
-    restore_state(tmp_path / "plain_params", params, verify_checksums=False)
-
-
-class _StateOf010(NamedTuple):
-  """AALIG's state as aalig-optax 0.1.0 saved it: one leaf per scalar."""
-  count: jax.Array
-  aov: jax.Array
-  aov_step: jax.Array
-  last_loss: jax.Array
-  best_loss: None
-  epoch_loss_mean: None
-  epoch_loss_count: None
-  best_epoch_mean: None
-  step_size: jax.Array
-  reached_fraction: jax.Array
-  num_sections: jax.Array
-  num_invalid: jax.Array
-  num_skipped: jax.Array
-  num_clipped: jax.Array
-
-
-def test_checkpoint_of_the_old_layout_is_refused_with_the_way_out(tmp_path):
-  opt = _opt()
-  new = _state_tree(opt)
-  core = new["opt_state"][0]
-  scalars = {n: getattr(core, n) for n in _StateOf010._fields
-             if n not in ("aov", "aov_step", "last_loss") and
-             getattr(core, n, None) is not None}
-  old = _StateOf010(aov=core.aov, aov_step=core.aov_step,
-                    last_loss=core.last_loss, best_loss=None,
-                    epoch_loss_mean=None, epoch_loss_count=None,
-                    best_epoch_mean=None, **scalars)
-  save_state(tmp_path / "old", {"params": new["params"],
-                                "opt_state": (old,) + new["opt_state"][1:]})
-  with pytest.raises(ValueError) as e:
-    restore_state(tmp_path / "old", _like(opt))
-  assert "0.1.0" in str(e.value) and "from_fields" in str(e.value)
-  # The way out that the message names gives back the state it was.
-  rebuilt = ScaleByAaligState.from_fields(
-      aov=old.aov, aov_step=old.aov_step, last_loss=old.last_loss,
-      config=core.config, **scalars)
-  assert _same(rebuilt, core)
+    assert _same(restore_state(tmp_path / "plain_params", params), params)

@@ -501,3 +501,77 @@ def test_tfds_fashion_mnist_on_request(tmp_path, offline):
   assert (out / "fashion_mnist_aalig" / "metrics.json").exists()
   _, _, calls = offline
   assert not calls
+
+
+# --------------------------------------------------------------------------
+# Red-team items 5, 6, 7: --resume continues only the same run; a run's
+# history is never replaced by a shorter one; bad flags are argparse errors.
+
+
+@pytest.mark.parametrize("first,second,flag", [
+    (("--lr", "sgd=1"), ("--lr", "sgd=0.001"), "--lr"),
+    (("--batch-size", "20"), ("--batch-size", "10"), "--batch-size"),
+    (("--epochs", "2"), ("--epochs", "3"), "--epochs"),
+])
+def test_resume_refuses_a_run_made_with_other_flags(tmp_path, first, second,
+                                                    flag):
+  out = tmp_path / "runs"
+  _mf(out, *first)
+  before = _snapshot(out)
+  with pytest.raises(SystemExit) as err:
+    _mf(out, *second, "--resume")
+  msg = str(err.value.code)
+  assert flag in msg and "--resume" in msg, msg
+  assert _snapshot(out) == before
+  _mf(out, *first, "--resume")  # the same flags: resumed
+
+
+def test_resume_without_checkpoints_keeps_the_metrics(tmp_path):
+  import shutil
+  out = tmp_path / "runs"
+  _mf(out, "--epochs", "3")
+  run = out / "rank4" / "sgd_seed0"
+  shutil.rmtree(run / "ckpt")
+  metrics = (run / "metrics.json").read_bytes()
+  assert len(json.loads(metrics)) == 3
+  with pytest.raises(SystemExit) as err:
+    _mf(out, "--epochs", "3", "--resume")
+  msg = str(err.value.code)
+  assert "metrics.json" in msg and "--overwrite" in msg, msg
+  assert (run / "metrics.json").read_bytes() == metrics
+
+
+def _flag_error(capsys, module, argv):
+  with pytest.raises(SystemExit) as err:
+    module.main(argv)
+  assert err.value.code == 2, err.value.code  # argparse's usage error
+  return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,named", [
+    (("--epochs", "0"), "--epochs"),
+    (("--batch-size", "0"), "--batch-size"),
+    (("--steps-per-epoch", "0"), "--steps-per-epoch"),
+    (("--seeds", "0"), "--seeds"),
+    (("--lr", "aalig"), "--lr"),
+    (("--lr", "aalg=0.1"), "--lr"),
+    (("--lr", "aalig=-1"), "--lr"),
+    (("--optimisers", "aalig,sgdd"), "--optimisers"),
+    (("--problems", "rank7"), "--problems"),
+])
+def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, capsys, flags,
+                                                    named):
+  from examples import matrix_factorisation
+  said = _flag_error(capsys, matrix_factorisation,
+                     ["--workdir", str(tmp_path / "runs"), *flags])
+  assert f"argument {named}" in said, said
+  assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_as_workdir_is_a_usage_error(tmp_path, capsys):
+  from examples import matrix_factorisation
+  (tmp_path / "notes.txt").write_text("mine")
+  said = _flag_error(capsys, matrix_factorisation,
+                     ["--workdir", str(tmp_path / "notes.txt")])
+  assert "argument --workdir" in said, said
+  assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1,26 +1,28 @@
-"""Checkpoints of a run (the library's save_state), and the guard that keeps
-a previous run.
+"""Checkpoints of a run (the library's CheckpointManager, on Orbax), and the
+guards that keep a previous run.
 
-One checkpoint per epoch of (state, history), the last two kept;
-``resume`` continues from the latest bit for bit. A fresh run never deletes
-a previous run's checkpoints or metrics unless told to (``overwrite``).
+One checkpoint per epoch of the training state, with the history so far and
+the run's flags stored beside it, the last two kept; ``resume`` continues
+from the latest bit for bit, and only a run made with the same flags. A fresh
+run never deletes a previous run's checkpoints or metrics unless told to
+(``overwrite``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 import aalig_optax
 
-__all__ = ["Checkpointer", "Run", "RunExistsError", "previous_run_files"]
+__all__ = ["Checkpointer", "Run", "RunExistsError", "RunMismatchError",
+           "previous_run_files"]
 
 
 def _keys_as_data(tree):
@@ -61,6 +63,11 @@ class RunExistsError(FileExistsError):
   """A fresh run would replace a previous run's checkpoints."""
 
 
+class RunMismatchError(ValueError):
+  """``resume`` would continue a run made with other flags, or a run whose
+  checkpoints are gone."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """Where one run goes and what it does with a previous run there.
@@ -73,6 +80,9 @@ class Run:
       metrics in `workdir`; without either, a previous run raises
       :class:`RunExistsError` and nothing is deleted.
     verbose: print one line of metrics per epoch.
+    flags: what the run was asked for (e.g. the command line's flags, by
+      name): stored with each checkpoint, and ``resume`` refuses a run
+      checkpointed with other flags, naming each.
   """
 
   workdir: pathlib.Path
@@ -80,18 +90,18 @@ class Run:
   resume: bool = False
   overwrite: bool = False
   verbose: bool = True
+  flags: Optional[Mapping[str, Any]] = None
 
 
 class Checkpointer:
-  """One checkpoint per epoch of (state, history), the last 2 kept.
+  """One checkpoint per epoch of the state, the last 2 kept.
 
-  Each is written by the library's :func:`aalig_optax.save_state` (atomic,
-  checksummed, with AALIG's schedule recorded) into ``epoch_<n>/`` with the
-  history beside it, and restored by :func:`aalig_optax.restore_state`
-  against a freshly initialised template, so a mismatch names its leaf path.
+  Each epoch ``n`` is a step directory ``epoch_<n>/`` of
+  :class:`aalig_optax.CheckpointManager` (Orbax: complete or absent, AALIG's
+  schedule recorded), with the history and the run's flags in its metadata;
+  it is restored against a freshly initialised template, so a mismatch names
+  its leaf path.
   """
-
-  _PREFIX = "epoch_"
 
   def __init__(self, directory: pathlib.Path, fresh: bool,
                overwrite: bool = False):
@@ -115,39 +125,42 @@ class Checkpointer:
             "resume=True (--resume) to continue it, overwrite=True "
             "(--overwrite) to replace it, or use another workdir.")
       shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     self.directory = directory
+    self.manager = aalig_optax.CheckpointManager(
+        directory, max_to_keep=2, step_prefix="epoch",
+        step_format_fixed_length=5)
 
-  def _path(self, epoch: int) -> pathlib.Path:
-    return self.directory / f"{self._PREFIX}{epoch:05d}"
-
-  def _epochs(self) -> list[int]:
-    return sorted(int(p.name[len(self._PREFIX):])
-                  for p in self.directory.glob(self._PREFIX + "[0-9]*")
-                  if p.is_dir() and p.name[len(self._PREFIX):].isdigit())
-
-  def save(self, epoch: int, state, history: list) -> None:
-    path = self._path(epoch)
-    aalig_optax.save_state(path, _keys_as_data(state), force=True)
-    # The history goes in after the arrays: a checkpoint without it is
-    # incomplete, and latest() skips it.
-    tmp = path / "history.json.tmp"
-    tmp.write_text(json.dumps(history))
-    os.replace(tmp, path / "history.json")
-    for old in self._epochs()[:-2]:
-      shutil.rmtree(self._path(old))
+  def save(self, epoch: int, state, history: list,
+           flags: Optional[Mapping[str, Any]] = None) -> None:
+    flags = None if flags is None else json.loads(json.dumps(dict(flags)))
+    self.manager.save(epoch, _keys_as_data(state),
+                      metadata=dict(history=history, flags=flags))
 
   def latest(self) -> Optional[int]:
-    done = [e for e in self._epochs()
-            if (self._path(e) / "history.json").exists()]
-    return done[-1] if done else None
+    return self.manager.latest_step()
+
+  def flags(self, epoch: int) -> Optional[dict]:
+    return self.manager.metadata(epoch).get("flags")
 
   def restore(self, epoch: int, template):
-    path = self._path(epoch)
-    saved = aalig_optax.restore_state(path, _keys_as_data(template))
+    saved = self.manager.restore(_keys_as_data(template), epoch)
     state = jax.tree.map(
         lambda t, x: jax.random.wrap_key_data(
             x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
         template, saved)
-    history = json.loads((path / "history.json").read_text())
+    history = self.manager.metadata(epoch).get("history")
+    if history is None:
+      raise ValueError(f"The checkpoint of epoch {epoch} in "
+                       f"{self.directory} records no history.")
     return state, list(history)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def flag_mismatches(saved: Mapping[str, Any], flags: Mapping[str, Any]
+                    ) -> list[str]:
+  """'--name: saved X, now Y' for each flag that differs (JSON-compared)."""
+  return [f"--{k.replace('_', '-')}: {saved.get(k)!r} in the run, "
+          f"{flags.get(k)!r} now" for k in sorted(saved.keys() | flags.keys())
+          if saved.get(k) != flags.get(k)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
+import os
 import pathlib
 from typing import Any, Mapping, Optional
 
@@ -12,6 +14,64 @@ from examples.common import checkpoint
 from examples.common import download
 from examples.common import images
 from examples.common import optimizers
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer of at least 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
+def comma_list(choices) -> Any:
+  """argparse type: comma-separated names, each one of `choices`."""
+  choices = tuple(choices)
+
+  def parse(text: str) -> str:
+    items = [t.strip() for t in text.split(",")]
+    bad = [t for t in items if t not in choices]
+    if bad:
+      raise argparse.ArgumentTypeError(
+          f"unknown {', '.join(map(repr, bad))}: choose from "
+          f"{', '.join(choices)}")
+    return ",".join(items)
+
+  parse.__name__ = "comma-separated list"
+  return parse
+
+
+def lr_override(text: str) -> str:
+  """argparse type of --lr: NAME=VALUE (or NAME=A:B:C, a grid), NAME an
+  optimiser and each value a positive, finite step size."""
+  name, sep, values = text.partition("=")
+  if not sep:
+    raise argparse.ArgumentTypeError(
+        f"expected NAME=VALUE (e.g. aalig=0.1), got {text!r}")
+  if name not in optimizers.OPTIMISERS:
+    raise argparse.ArgumentTypeError(
+        f"unknown optimiser {name!r}: one of "
+        f"{', '.join(optimizers.OPTIMISERS)}")
+  for value in values.split(":"):
+    try:
+      ok = math.isfinite(float(value)) and float(value) > 0
+    except ValueError:
+      ok = False
+    if not ok:
+      raise argparse.ArgumentTypeError(
+          f"the step size of {name} must be a positive number, got "
+          f"{value!r}")
+  return text
+
+
+def folder(text: str) -> str:
+  """argparse type: a path that is not an existing file."""
+  if os.path.exists(text) and not os.path.isdir(text):
+    raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+  return text
 
 
 def preset_arg(parser: argparse.ArgumentParser, flag: str,
@@ -44,19 +104,20 @@ def make_parser(doc: str, *, presets: Mapping[str, Any], workdir: str,
     quiet: the default of --quiet.
   """
   parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-  preset_arg(parser, "--epochs", presets, type=int)
-  preset_arg(parser, "--batch-size", presets, type=int)
+  preset_arg(parser, "--epochs", presets, type=positive_int)
+  preset_arg(parser, "--batch-size", presets, type=positive_int)
   preset_arg(parser, "--optimisers", presets,
+             type=comma_list(optimizers.OPTIMISERS),
              help=f"comma-separated, from {optimizers.OPTIMISERS}")
   if "PAPER" in presets:
     parser.add_argument("--paper", action="store_true",
                         help="the paper's settings: the PAPER preset")
   parser.add_argument("--lr", action="append", default=[],
-                      metavar="NAME=VALUE",
+                      metavar="NAME=VALUE", type=lr_override,
                       help="override an optimiser's (maximal) step size, "
                       "e.g. --lr aalig=0.1 (repeatable)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--workdir", default=workdir,
+  parser.add_argument("--workdir", default=workdir, type=folder,
                       help="runs, checkpoints, metrics and plots go here")
   # A rerun must say what to do with a previous run: never both.
   previous = parser.add_mutually_exclusive_group()
@@ -66,7 +127,7 @@ def make_parser(doc: str, *, presets: Mapping[str, Any], workdir: str,
                         help="replace a previous run's checkpoints and "
                         "results in --workdir (without --resume or "
                         "--overwrite, a previous run stops the script)")
-  parser.add_argument("--steps-per-epoch", type=int, default=None,
+  parser.add_argument("--steps-per-epoch", type=positive_int, default=None,
                       help="cut epochs short (smoke tests)")
   parser.add_argument("--quiet", action="store_true", default=quiet,
                       help="no per-epoch lines" + (" (default)" if quiet
@@ -157,12 +218,14 @@ def clear_errors():
   """Turns missing data and existing runs into one-line exits.
 
   Inside this block a :class:`~examples.common.download.DataUnavailableError`
-  or :class:`~examples.common.checkpoint.RunExistsError` ends the script with
+  :class:`~examples.common.checkpoint.RunExistsError` or
+  :class:`~examples.common.checkpoint.RunMismatchError` ends the script with
   its message alone: it already says what to do, a traceback would bury it.
   """
   try:
     yield
-  except (download.DataUnavailableError, checkpoint.RunExistsError) as e:
+  except (download.DataUnavailableError, checkpoint.RunExistsError,
+          checkpoint.RunMismatchError) as e:
     raise SystemExit(f"error: {e}") from e
 
 
@@ -172,6 +235,9 @@ def optimiser_configs(args, default_lrs: Mapping[str, float],
   lrs = dict(default_lrs)
   for item in args.lr:
     name, value = item.split("=")
+    if ":" in value:
+      raise SystemExit(f"error: --lr {item}: a grid of step sizes is for "
+                       "--sweep only")
     lrs[name] = float(value)
   configs = []
   for name in args.optimisers.split(","):
@@ -199,9 +265,24 @@ def run_context(args, num_examples: int, *, sections: int = 10,
       drop_remainder=drop_remainder)
 
 
+# Flags that do not change what a run computes, or that pick which runs a
+# script makes (each run has a folder of its own): --resume leaves them free.
+NOT_RUN_FLAGS = ("resume", "overwrite", "quiet", "workdir", "download",
+                 "paper", "optimisers", "problems", "datasets", "variants",
+                 "seeds", "sweep")
+
+
+def run_flags(args) -> dict:
+  """The flags a run was made with, by name: stored with its checkpoints so
+  that --resume refuses to continue it with others."""
+  return {k: v for k, v in sorted(vars(args).items())
+          if k not in NOT_RUN_FLAGS}
+
+
 def run_of(args, workdir, seed: Optional[int] = None) -> checkpoint.Run:
-  """A run in `workdir` with --seed (or `seed`), --resume, --overwrite."""
+  """A run in `workdir` with --seed (or `seed`), --resume, --overwrite, and
+  the command line's other flags (see :func:`run_flags`)."""
   return checkpoint.Run(pathlib.Path(workdir),
                         args.seed if seed is None else seed,
                         resume=args.resume, overwrite=args.overwrite,
-                        verbose=not args.quiet)
+                        verbose=not args.quiet, flags=run_flags(args))

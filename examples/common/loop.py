@@ -33,12 +33,14 @@ from flax import nnx
 
 import aalig_optax
 from examples.common import cli
+from examples.common import checkpoint
 from examples.common import data as data_lib
 from examples.common import optimizers
 from examples.common import plots
 from examples.common.checkpoint import Checkpointer
 from examples.common.checkpoint import Run
 from examples.common.checkpoint import RunExistsError
+from examples.common.checkpoint import RunMismatchError
 from examples.common.optimizers import OptConfig
 from examples.common.optimizers import RunContext
 from examples.common.problems import Problem
@@ -109,8 +111,6 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
   Returns:
     ``(state, history)``; `history` is a list of one dict per epoch.
   """
-  from tqdm.auto import tqdm  # Optional dependency of the examples.
-
   workdir = pathlib.Path(run.workdir)
   if (not run.resume and not run.overwrite
       and (workdir / "metrics.json").exists()):
@@ -119,17 +119,54 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
         f"{workdir} holds a previous run's metrics.json: pass resume=True "
         "(--resume) to continue it, overwrite=True (--overwrite) to replace "
         "it, or use another workdir.")
+  if run.resume and (workdir / "metrics.json").exists() and not any(
+      p.name[len("epoch_"):].isdigit()
+      for p in (workdir / "ckpt").glob("epoch_*")):
+    # Starting over would replace the history with a shorter one.
+    raise RunMismatchError(
+        f"{workdir} holds a previous run's metrics.json but no checkpoint "
+        f"to resume from ({workdir / 'ckpt'} is empty or gone): pass "
+        "--overwrite (overwrite=True) to train it again from scratch and "
+        "replace its metrics, or put its checkpoints back.")
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(workdir / "ckpt", fresh=not run.resume,
                       overwrite=run.overwrite)
-  history: list = []
-  start_epoch = 0
+  try:
+    return _fit(state, train_step, train_data, ctx, run, ckpt,
+                evaluate=evaluate, epoch_metrics=epoch_metrics, desc=desc)
+  finally:
+    ckpt.close()
+
+
+def _resumed(state, ckpt: Checkpointer, run: Run, desc: str):
+  """(state, history) of the run's latest checkpoint, or (state, []) for a
+  fresh run; refuses a run checkpointed with other flags."""
+  workdir = pathlib.Path(run.workdir)
   latest = ckpt.latest() if run.resume else None
-  if latest is not None:
-    state, history = ckpt.restore(latest, state)
-    start_epoch = latest + 1
-    print(f"[{desc}] resumed from {workdir / 'ckpt'} after epoch "
-          f"{start_epoch}")
+  if latest is None:
+    return state, []
+  flags = None if run.flags is None else json.loads(json.dumps(
+      dict(run.flags)))
+  saved = ckpt.flags(latest)
+  if flags is not None and saved is not None and saved != flags:
+    raise RunMismatchError(
+        f"--resume would continue the run in {workdir} with other flags ("
+        + "; ".join(checkpoint.flag_mismatches(saved, flags))
+        + "): pass the run's flags to continue it, --overwrite to replace "
+        "it, or another --workdir.")
+  state, history = ckpt.restore(latest, state)
+  print(f"[{desc}] resumed from {workdir / 'ckpt'} after epoch "
+        f"{latest + 1}")
+  return state, history
+
+
+def _fit(state, train_step, train_data, ctx: RunContext, run: Run,
+         ckpt: Checkpointer, *, evaluate, epoch_metrics, desc):
+  from tqdm.auto import tqdm  # Optional dependency of the examples.
+
+  workdir = pathlib.Path(run.workdir)
+  state, history = _resumed(state, ckpt, run, desc)
+  start_epoch = len(history)
 
   traces = []
 
@@ -166,7 +203,7 @@ def fit(state, train_step: Callable, train_data, ctx: RunContext, run: Run,
       record.update(evaluate(state))
     record["seconds"] = time.time() - t0
     history.append(record)
-    ckpt.save(epoch, state, history)
+    ckpt.save(epoch, state, history, run.flags)
     (workdir / "metrics.json").write_text(json.dumps(history, indent=1))
     if bar.disable and not run.verbose:
       now = time.time()

@@ -38,11 +38,26 @@ def _path(key_path) -> str:
   return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
+# The config fields a restored state must share with `like`: what its tables'
+# rows and counters mean. (The AOV rule may change between runs.)
+_SCHEDULE = ("num_examples", "steps_per_epoch", "epochs_per_section",
+             "loss_estimate", "table_dtype")
+
+
+def _json_config(config) -> dict[str, Any]:
+  """A config as JSON: a callable AOV rule by its qualified name."""
+  out = dataclasses.asdict(config)
+  rule = out.get("aov_rule")
+  if callable(rule):
+    out["aov_rule"] = f"{rule.__module__}.{rule.__qualname__}"
+  return out
+
+
 def _configs(tree) -> dict[str, Any]:
   """{path: config as a dict} of every ScaleByAaligState in `tree`."""
   nodes, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, ScaleByAaligState))
-  return {_path(p): dataclasses.asdict(s.config) for p, s in nodes
+  return {_path(p): _json_config(s.config) for p, s in nodes
           if isinstance(s, ScaleByAaligState) and s.config is not None}
 
 
@@ -103,17 +118,9 @@ def _schedule_problems(stored: dict, expected: dict) -> list[str]:
     if have is None:
       problems.append(f"the checkpoint holds no AALIG state at '{path}'")
       continue
-    diffs = []
-    for field in sorted(have.keys() | want.keys()):
-      old, new = have.get(field), want.get(field)
-      if field == "lower_bound":
-        # A lower bound is still met by the stored AOVs; None: injected as a
-        # JAX array, unknown until run time.
-        if old is None or new is None or new <= old:
-          continue
-      elif old == new:
-        continue
-      diffs.append(f"{field}={old!r} (checkpoint) vs {new!r} (expected)")
+    diffs = [f"{field}={have.get(field)!r} (checkpoint) vs "
+             f"{want.get(field)!r} (expected)" for field in _SCHEDULE
+             if have.get(field) != want.get(field)]
     if diffs:
       problems.append(
           f"the AALIG state at '{path}' was saved for another schedule (its "
@@ -232,8 +239,8 @@ class CheckpointManager:
     tx.init(p)})``; leaves with a ``sharding`` are restored with it. Raises
     FileNotFoundError without the step, and ValueError naming each leaf
     whose path, shape or dtype differs, each AALIG state saved for another
-    schedule with its fields (checkpoint vs expected; `lower_bound` may be
-    lower), or files that cannot be read.
+    schedule with its fields (checkpoint vs expected), or files that cannot
+    be read.
     """
     ocp = _orbax()
     step = self.latest_step() if step is None else step

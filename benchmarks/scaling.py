@@ -115,7 +115,8 @@ def table_bytes(state):
   core = optimizers.aalig_state(state)
   return sum(int(np.prod(getattr(core, t).shape)) *
              getattr(core, t).dtype.itemsize
-             for t in ("aov", "aov_step", "last_loss", "best_loss")
+             for t in ("aov", "aov_step", "last_loss", "loss_section",
+                       "best_loss")
              if getattr(core, t) is not None)
 
 
@@ -233,7 +234,7 @@ def bench_mesh(args, data):
     per_device = {}
     for shard in state[0].aov.addressable_shards:
       per_device.setdefault(str(shard.device), 0)
-    for t in ("aov", "aov_step", "last_loss"):
+    for t in ("aov", "aov_step", "last_loss", "loss_section"):
       for shard in getattr(state[0], t).addressable_shards:
         per_device[str(shard.device)] += shard.data.nbytes
     sizes = sorted(set(per_device.values()))

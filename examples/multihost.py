@@ -125,10 +125,11 @@ def reference(num_processes):
 
 def summary(params, state):
   import numpy as np
+  from aalig_optax import current_aovs
   core = state[0]
   return (f"w[:3]={np.round(np.asarray(params)[:3], 5).tolist()} "
           f"sections={int(core.num_sections)} "
-          f"mean AOV={float(np.mean(core.aov)):.6f} "
+          f"mean AOV={float(np.mean(current_aovs(core)[0])):.6f} "
           f"seen={int(np.sum(~np.isnan(core.last_loss)))}")
 
 

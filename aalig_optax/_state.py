@@ -64,8 +64,9 @@ class ScaleByAaligState(NamedTuple):
     last_loss: T [N], the loss last recorded per example; NaN if never seen.
     loss_section: int32 [N], the section in which ``last_loss`` was
       recorded (modulo the count's period); 0 if never seen.
-    lower_bound: float32 [], the loss lower bound B of the last step (the
-      bound of the AOV updates still due).
+    lower_bound: float32 [], the loss lower bound B given at init, or the
+      injected one of the last step: the bound :func:`current_aovs` applies
+      the AOV updates still due with.
     num_sections: int32 [], section ends passed; saturates at 2**31 - 1.
     num_invalid: int32 [], rows dropped so far because their index was
       outside [0, num_examples) (see :func:`check_indices`); saturates.

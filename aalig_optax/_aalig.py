@@ -373,9 +373,10 @@ def step(s: Settings, grads, state, losses, indices, mask) -> StepResult:
 
   gap, num_dropped = _mean_gap(losses, own_aov, valid, mask & ~in_range,
                                s.axis_name)
-  sq_norm = _numerics.sq_norm_or_nan(optax.tree.cast(grads, jnp.float32))
+  sq_norm, finite = _numerics.sq_norm_and_finite(
+      optax.tree.cast(grads, jnp.float32))
   # A non-finite loss or gradient skips the batch: no step, nothing recorded.
-  skipped = ~jnp.isfinite(gap) | jnp.isnan(sq_norm)
+  skipped = ~jnp.isfinite(gap) | ~finite
   gamma = jnp.where(skipped, 0.0,
                     _numerics.polyak_step_size(gap, sq_norm, max_lr, eps))
   overflowed = ~skipped & ~jnp.isfinite(sq_norm + eps)

@@ -92,10 +92,11 @@ def scale_by_alig(
           f"value must be the scalar batch loss, got shape {value.shape}; "
           "pass the mean of the per-example losses.")
     gap = value.astype(jnp.float32) - jnp.asarray(lower_bound, jnp.float32)
-    sq_norm = _numerics.sq_norm_or_nan(optax.tree.cast(updates, jnp.float32))
+    sq_norm, finite = _numerics.sq_norm_and_finite(
+        optax.tree.cast(updates, jnp.float32))
     # A non-finite loss or gradient gives a zero step.
     step_size = jnp.where(
-        jnp.isfinite(gap) & ~jnp.isnan(sq_norm),
+        jnp.isfinite(gap) & finite,
         _numerics.polyak_step_size(
             gap, sq_norm, _numerics.cap_max_learning_rate(max_learning_rate),
             eps), 0.0)

@@ -27,10 +27,11 @@ B = 64
 # for each of the four tables, the two up-to-date AOV rows, the batch's
 # sums, the mean gap and its scaled fallback, the written rows' indices and
 # section, five scatters (set, and min for repeated indices), one kernel
-# for each of the six scalars, the momentum buffer of each leaf. (Measured
-# with jax 0.10.2: 26 since the branch-free step of issue 28; 12 before,
-# with two conds and the scalars packed into two leaves.)
-MAX_EXTRA_KERNELS = 26
+# for each of the six scalars, the momentum buffer of each leaf, and the
+# sum of the gradient that tells an infinite entry from an overflowing
+# norm. (Measured with jax 0.10.2: 29 since the branch-free step of issue
+# 28; 12 before, with two conds and the scalars packed into two leaves.)
+MAX_EXTRA_KERNELS = 29
 
 
 def _params(width=100):

@@ -164,3 +164,14 @@ def test_hlo_parser_counts_kernels_as_its_docstring_says():
   text = "\n".join(["HloModule m", "", "ENTRY %main {", line,
                     "  ROOT %t = () tuple()", "}"])
   assert hlo.entry_kernels(text) == {"conditional": 1}
+
+
+def test_compare_bits_finds_a_checkout_equal_to_itself(tmp_path):
+  """The bit-for-bit comparison of issue 28, run against this checkout's own
+  package: every configuration equal (and the script exits 0)."""
+  from studies.step_cost import compare_bits
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = compare_bits.main(["--baseline", str(root), "--seeds", "1",
+                           "--json", str(tmp_path / "bits.json")])
+  assert out and not any(out.values()), out
+  assert json.loads((tmp_path / "bits.json").read_text()) == out

@@ -92,6 +92,42 @@ CANDIDATES: dict[str, Callable] = {
     "bisect": _candidate(lambda a, d, lo, b: (b + (lo - b) / 2, d)),
     # Back to the bound: ALI-G until the AOV is not reached again.
     "reset": _candidate(lambda a, d, lo, b: (b + 0 * a, d)),
+    # Tried for issue 27 (docs/algorithm.md, "Choosing an AOV rule"): how far
+    # above its loss a reached AOV may stay, and how fast it comes down.
+    # Never above the loss after a section end: just below it, at it, or at
+    # most d/2 above it.
+    "track": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo - d / 2), b), d)),
+    "pin": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo), b), d)),
+    "cap": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo + d / 2), b), d)),
+    # Halfway (or a quarter of the way) down to the loss, at least d/2: the
+    # overshoot shrinks geometrically; "anneal" adds a doubling step.
+    "halve": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b), d)),
+    "quarter": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo + (a - lo) / 4), b), d)),
+    # As halve, the step doubled only while the overshoot exceeds it, or
+    # raised to the overshoot.
+    "halve_grow": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.where(a - lo > d, 2 * d, d))),
+    "hmax": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.maximum(d, a - lo))),
+    "anneal_max": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.maximum(2 * d, a - lo))),
+    # The paper's step, doubled at each consecutive reach.
+    "paper_double": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(a - d / 2, b), 2 * d)),
+    # As anneal, but a loss that fell below half the AOV's height above the
+    # bound sends the AOV halfway from the loss to the bound.
+    "jump": _candidate(lambda a, d, lo, b: (
+        jnp.where(a - lo > lo - b, b + (lo - b) / 2,
+                  jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b)),
+        2 * d)),
 }
 
 

@@ -192,6 +192,59 @@ def mf_noisy_task(seeds: int, rank: int = 4, noise: float = 0.1):
              "training targets (seeded); floor by Eckart-Young in float64."))
 
 
+def aov_trace(rule, lr: float, momentum: float, seed: int = 0) -> list:
+  """Per section of ``ls_noisy``: (epoch, zero-step share of the section,
+  excess over the optimum, mean AOV minus the optimum's loss over the
+  noisiest fifth of the examples and over the rest, share of AOVs above
+  their last loss, mean step d), after each section end; one seed."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import aalig_optax
+  task = ls_task(1)
+  x, y = (jnp.asarray(task.data["x_train"]),
+          jnp.asarray(task.data["y_train"]))
+  n, d = x.shape
+  xt = np.concatenate([np.asarray(x, np.float64), np.ones((n, 1))], 1)
+  coef = np.linalg.lstsq(xt, np.asarray(y, np.float64), rcond=None)[0]
+  lstar = (xt @ coef - np.asarray(y, np.float64)) ** 2
+  noisy = lstar >= np.quantile(lstar, 0.8)
+  ctx = task.ctx
+  tx = aalig_optax.aalig(lr, n, ctx.steps_per_epoch, ctx.epochs_per_section,
+                         momentum=momentum, aov_rule=rule)
+  w = (jnp.zeros(d), jnp.zeros(()))
+  s = tx.init(w)
+
+  def losses(w, idx):
+    return (x[idx] @ w[0] + w[1] - y[idx]) ** 2
+
+  @jax.jit
+  def step(w, s, idx):
+    ls, vjp = jax.vjp(lambda w: losses(w, idx), w)
+    (g,) = vjp(jnp.full(idx.shape, 1.0 / idx.shape[0]))
+    u, s = tx.update(g, s, w, losses=ls, indices=idx)
+    return optax.apply_updates(w, u), s, s[0].step_size == 0
+
+  out, zero = [], []
+  spe, b = ctx.steps_per_epoch, ctx.batch_size
+  for e in range(task.epochs):
+    perm = np.random.default_rng([seed, e]).permutation(n)[:spe * b]
+    for idx in perm.reshape(spe, b):
+      w, s, z = step(w, s, jnp.asarray(idx, jnp.int32))
+      zero.append(bool(z))
+    if (e + 1) % ctx.epochs_per_section == 0:
+      core = s[0]
+      a, last = np.asarray(core.aov), np.asarray(core.last_loss)
+      full = float(jnp.mean(losses(w, jnp.arange(n))))
+      out.append((e + 1, np.mean(zero[-spe * ctx.epochs_per_section:]),
+                  full - task.loss_floor,
+                  float(np.mean(a[noisy] - lstar[noisy])),
+                  float(np.mean(a[~noisy] - lstar[~noisy])),
+                  float(np.mean(a > last)),
+                  float(np.mean(np.asarray(core.aov_step)))))
+  return out
+
+
 def make_convex_task(name: str, seeds: int):
   if name == "ls_noisy":
     return ls_task(seeds)
@@ -203,3 +256,16 @@ def make_convex_task(name: str, seeds: int):
     return mf_noisy_task(seeds)
   raise ValueError(f"unknown convex task {name!r}; {CONVEX_TASK_NAMES}")
 
+
+
+if __name__ == "__main__":
+  # The traces of docs/algorithm.md, "Why each rule behaves as it does".
+  for rule_, lr_, m_ in (("paper", 10.0, 0.0), ("paper", 0.1, 0.9),
+                         ("anneal", 10.0, 0.0), ("anneal", 0.1, 0.9),
+                         ("reflect", 1.0, 0.0)):
+    print(f"{rule_}, momentum {m_:g}, maximal step size {lr_:g}")
+    print("  epoch | zero steps | excess | a - l* (noisy fifth) | "
+          "a - l* (rest) | a > last loss | mean d")
+    for r in aov_trace(rule_, lr_, m_):
+      print(f"  {r[0]:3d} | {r[1]:4.0%} | {r[2]:.2e} | {r[3]:+.2e} | "
+            f"{r[4]:+.2e} | {r[5]:4.0%} | {r[6]:.1e}")

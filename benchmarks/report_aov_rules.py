@@ -43,6 +43,18 @@ RULE_NOTES = {
     "reset": "a <- B until not reached again (dropped: as good as reflect "
              "on the interpolating problems, worse at large steps on ranks "
              "1 and 4)",
+    "track": "a <- max(min(a - d/2, l - d/2), B) (issue 27: no freeze, "
+             "little annealing)",
+    "pin": "a <- max(min(a - d/2, l), B) (issue 27: little annealing)",
+    "cap": "a <- max(min(a - d/2, l + d/2), B) (issue 27: little annealing)",
+    "halve": "a <- max(min(a - d/2, (a + l)/2), B) (issue 27: anneals "
+             "better than anneal, freezes 1/5 seeds of the stall case)",
+    "quarter": "a <- max(min(a - d/2, l + (a - l)/4), B) (issue 27)",
+    "halve_grow": "halve, d <- 2d while a - l > d (issue 27)",
+    "hmax": "halve, d <- max(d, a - l) (issue 27)",
+    "anneal_max": "anneal, d <- max(2d, a - l) (issue 27)",
+    "paper_double": "a <- max(a - d/2, B), d <- 2d (issue 27)",
+    "jump": "anneal, but a <- B + (l - B)/2 where a - l > l - B (issue 27)",
 }
 
 
@@ -229,8 +241,8 @@ def targets(results: dict) -> list[str]:
   for name, t in results["tasks"].items():
     rows = summarise(t)
     for row in rows:
-      if row["rule"] == "paper":
-        continue
+      if row["rule"] == "paper" or row["rule"] in REFERENCES:
+        continue  # the references are compared in the excess table
       ref = [r for r in rows if r["rule"] == "paper"
              and r["momentum"] == row["momentum"]]
       if not ref:

@@ -5,6 +5,7 @@ from aalig_optax._optimizer import STATIC_ARGS
 from aalig_optax._aalig import scale_by_aalig
 from aalig_optax._aov import current_aovs
 from aalig_optax._aov import update_aovs
+from aalig_optax._aov import update_aovs_anneal
 from aalig_optax._aov import update_aovs_reflect
 from aalig_optax._initial import loss_table
 from aalig_optax._metrics import aalig_metrics
@@ -46,6 +47,7 @@ __all__ = (
     "ScaleByAligState",
     "state_shardings",
     "update_aovs",
+    "update_aovs_anneal",
     "update_aovs_reflect",
     "validate_state",
 )

@@ -128,8 +128,10 @@ def scale_by_aalig(
       over it and every replica records every replica's rows.
     aov_rule: how AOVs move at section ends: ``"paper"`` (Algorithm 2,
       :func:`update_aovs`), ``"reflect"`` (:func:`update_aovs_reflect`, which
-      cannot freeze), or a callable ``(aov, aov_step, loss_estimate,
-      lower_bound) -> (aov, aov_step)`` of the same kind (element-wise and
+      cannot freeze), ``"anneal"`` (:func:`update_aovs_anneal`, the choice
+      with momentum on problems the model cannot interpolate), or a
+      callable ``(aov, aov_step, loss_estimate, lower_bound) -> (aov,
+      aov_step)`` of the same kind (element-wise and
       traceable: it runs under ``jit`` on the rows of each batch, and only
       its output for rows with an update due is kept).
     initial_aov: the AOVs at init: None (the lower bound), a scalar, an

@@ -160,8 +160,93 @@ def update_aovs_reflect(
   return new_a.astype(dtype), new_d
 
 
+def update_aovs_anneal(
+    aov: chex.Array,
+    aov_step: chex.Array,
+    loss_estimate: chex.Array,
+    lower_bound: chex.Numeric = 0.0,
+) -> tuple[chex.Array, chex.Array]:
+  r"""A section-end AOV update that anneals and cannot stall for long
+  (``aov_rule="anneal"``).
+
+  As :func:`update_aovs`, except for a reached AOV, which moves at least
+  halfway down to the loss it reached, and whose step doubles:
+
+  .. math::
+    (a, d) \leftarrow \begin{cases}
+      (\max(B,\ \min(a - d/2,\ (a + l)/2)),\ 2d) & l \le a
+        \text{ (reached)} \\
+      ((a + l)/2, (l - a)/2) & l > a \text{ (not reached)} \\
+      (a, d) & l \text{ is NaN (never seen).}
+    \end{cases}
+
+  Both cases bisect towards the loss: a raised AOV goes halfway up to it (the
+  paper's rule), a reached one halfway down, or by the paper's :math:`d/2`
+  if that is more. A reached AOV may thus stay above its loss, so that a
+  share of the batches steps zero as under the paper's rule (its annealing
+  near a noisy optimum), but its overshoot halves every section and its step
+  doubles at every consecutive reach: an AOV left above a loss that no
+  longer moves (the paper's freeze) is below it after about
+  :math:`\log_4` (overshoot / d) section ends rather than overshoot / (d/2).
+  The next time the AOV is not reached, its step is reset to half the gap,
+  as in the paper.
+
+  Why (``benchmarks/results/aov_rules.md``, ``docs/algorithm.md``): the
+  paper's rule anneals because its AOVs sit at or above the losses the model
+  reaches and make most steps zero; the same mechanism freezes it when the
+  AOVs end far above losses that then stop moving. ``"reflect"`` cannot
+  freeze but keeps every AOV a quarter of the loss below it and never
+  anneals (it is ALI-G on noisy problems).
+
+  A reached AOV whose step is 0 (only with an `initial_aov` above the
+  losses) moves halfway down at each section end and never below its loss.
+  A step that doubles past float32's range is inf, and the AOV is then the
+  lower bound.
+
+  Args:
+    aov: AOV table, shape [N].
+    aov_step: last increase of each AOV (doubled at each reach), shape [N].
+    loss_estimate: each example's loss estimate, shape [N]; NaN for examples
+      never seen.
+    lower_bound: the known lower bound B of every per-example loss.
+
+  Returns:
+    The new `(aov, aov_step)`, in the dtypes of the inputs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from aalig_optax._aov import update_aovs_anneal
+    >>> aov, step = update_aovs_anneal(jnp.array([0.0, 1.0, 1.0, 1.0]),
+    ...                                jnp.array([0.0, 0.4, 0.1, 0.0]),
+    ...                                jnp.array([2.0, 0.9, 0.0, jnp.nan]))
+    >>> [round(x, 6) for x in aov.tolist()]
+    [1.0, 0.8, 0.5, 1.0]
+    >>> [round(x, 6) for x in step.tolist()]
+    [1.0, 0.8, 0.2, 0.0]
+
+  References:
+    Paren, Poudel, Kumar, "Faking Interpolation Until You Make It", TMLR
+    2022, Algorithm 2 (the not-reached half, kept); this project's
+    evaluation, ``benchmarks/results/aov_rules.md``.
+  """
+  dtype = aov.dtype
+  a = aov.astype(jnp.float32)
+  d = aov_step.astype(jnp.float32)
+  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
+  bound = jnp.asarray(lower_bound, jnp.float32)
+  # As in update_aovs: the AOV from the old step (d/2), then the step table,
+  # each from its own comparisons. a/2 + lo/2 cannot overflow.
+  new_a = jnp.where(
+      lo <= a, jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), bound),
+      jnp.where(jnp.isnan(lo), a, a / 2 + lo / 2))
+  new_d = jnp.where(lo <= a, 2 * d,
+                    _new_steps(a, d, lo, jnp.float32)).astype(aov_step.dtype)
+  return new_a.astype(dtype), new_d
+
+
 # The rules `aov_rule=` takes by name.
-AOV_RULES = {"paper": update_aovs, "reflect": update_aovs_reflect}
+AOV_RULES = {"paper": update_aovs, "reflect": update_aovs_reflect,
+             "anneal": update_aovs_anneal}
 
 
 def resolve_rule(aov_rule):

@@ -74,8 +74,9 @@ def aalig(
     loss_estimate: ``"last"`` or ``"best_epoch"``, see :func:`scale_by_aalig`.
     table_dtype: dtype of the per-example tables.
     axis_name: the batch axis under ``pmap``/``shard_map``.
-    aov_rule: ``"paper"`` (default), ``"reflect"`` or a callable, see
-      :func:`scale_by_aalig` and the user guide's "Choosing an AOV rule".
+    aov_rule: ``"paper"`` (default), ``"reflect"``, ``"anneal"`` or a
+      callable, see :func:`scale_by_aalig` and "Choosing an AOV rule" in
+      docs/algorithm.md.
     initial_aov: starting AOVs (a table, scalar or ``params -> table``), see
       :func:`scale_by_aalig`.
 

@@ -1,19 +1,22 @@
 """AALIG's AOV rules side by side: the evaluation suite of ``aov_rule=``.
 
 Every rule runs with the same protocol: each task in the paper's settings
-(:mod:`benchmarks.tasks`), Nesterov momentum 0 and 0.9, every maximal step
-size of the task's power-of-ten grid and several seeds, all configurations
-of one (rule, momentum) in one vmapped program. Per rule it reports the final
-training loss (against the floor where known) at the step size chosen on the
-mean final training loss, the share of grid points whose every seed ends
-within 5% of the floor (or, where the floor is 0 or unknown, within 5% of
-the best loss any rule reached), the share of batches with a zero step size
-(over the run, and over its last section: a frozen run steps 0 in every
-batch) and the validation metric.
+(:mod:`benchmarks.tasks`) or one of the noisy convex problems with a known
+optimum (:mod:`benchmarks.convex_tasks`), Nesterov momentum 0 and 0.9, every
+maximal step size of the task's power-of-ten grid and several seeds, all
+configurations of one (rule, momentum) in one vmapped program; SGD with the
+paper's step schedule and with exponential decays runs on the task's SGD
+grid as the annealing reference. Per rule it reports the final training
+loss (against the floor where known, and its excess over the floor) at the
+step size chosen on the mean final training loss, the share of grid points
+whose every seed ends within 5% of the floor (or, where the floor is 0 or
+unknown, within 5% of the best loss any rule reached), the share of batches
+with a zero step size (over the run, and over its last section: a frozen run
+steps 0 in every batch) and the validation metric.
 
 Run (results in ``benchmarks/results/aov_rules.{json,md,png}``)::
 
-    python -m benchmarks.aov_rules                 # Sec. 5.1's MF + mushrooms
+    python -m benchmarks.aov_rules                 # Sec. 5.1 + convex tasks
     python -m benchmarks.aov_rules --tasks regime_fmnist_mlp --seeds 2
     python -m benchmarks.aov_rules --smoke         # a minute, for CI
 """
@@ -33,14 +36,17 @@ import numpy as np
 import optax
 
 import aalig_optax
+from benchmarks import convex_tasks
 from benchmarks import engine
 from benchmarks import report_aov_rules as report
 from benchmarks import regime_tasks
 from benchmarks import tasks as tasks_lib
+from examples.common import optimizers
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 DEFAULT_TASKS = ("mf_rank1", "mf_rank4", "mf_rank10", "mf_full",
-                 "rbf_mushrooms")
+                 "rbf_mushrooms") + convex_tasks.CONVEX_TASK_NAMES
+SMOKE_TASKS = ("mf_rank4", "ls_noisy")  # --smoke: about a minute
 MOMENTA = (0.0, 0.9)
 RULES = report.RULES  # the default comparison
 
@@ -86,6 +92,42 @@ CANDIDATES: dict[str, Callable] = {
     "bisect": _candidate(lambda a, d, lo, b: (b + (lo - b) / 2, d)),
     # Back to the bound: ALI-G until the AOV is not reached again.
     "reset": _candidate(lambda a, d, lo, b: (b + 0 * a, d)),
+    # Tried for issue 27 (docs/algorithm.md, "Choosing an AOV rule"): how far
+    # above its loss a reached AOV may stay, and how fast it comes down.
+    # Never above the loss after a section end: just below it, at it, or at
+    # most d/2 above it.
+    "track": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo - d / 2), b), d)),
+    "pin": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo), b), d)),
+    "cap": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo + d / 2), b), d)),
+    # Halfway (or a quarter of the way) down to the loss, at least d/2: the
+    # overshoot shrinks geometrically; "anneal" adds a doubling step.
+    "halve": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b), d)),
+    "quarter": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, lo + (a - lo) / 4), b), d)),
+    # As halve, the step doubled only while the overshoot exceeds it, or
+    # raised to the overshoot.
+    "halve_grow": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.where(a - lo > d, 2 * d, d))),
+    "hmax": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.maximum(d, a - lo))),
+    "anneal_max": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b),
+        jnp.maximum(2 * d, a - lo))),
+    # The paper's step, doubled at each consecutive reach.
+    "paper_double": _candidate(lambda a, d, lo, b: (
+        jnp.maximum(a - d / 2, b), 2 * d)),
+    # As anneal, but a loss that fell below half the AOV's height above the
+    # bound sends the AOV halfway from the loss to the bound.
+    "jump": _candidate(lambda a, d, lo, b: (
+        jnp.where(a - lo > lo - b, b + (lo - b) / 2,
+                  jnp.maximum(jnp.minimum(a - d / 2, a / 2 + lo / 2), b)),
+        2 * d)),
 }
 
 
@@ -93,6 +135,8 @@ def resolve(rule: str):
   """A rule by name: the library's (``aov_rule=``) or a candidate."""
   if rule in CANDIDATES:
     return CANDIDATES[rule]
+  if rule in REFERENCES:
+    return rule
   try:
     aalig_optax.scale_by_aalig(1.0, 1, 1, 1, aov_rule=rule)
   except ValueError as e:
@@ -101,7 +145,26 @@ def resolve(rule: str):
   return rule
 
 
+# The annealing references: not AOV rules but SGD (Nesterov momentum as the
+# suite's) with a schedule, on the task's SGD grid. "sgd_step" is the paper's
+# step schedule (x0.1 at 50% and 75% of the steps); "sgd_expK" decays the
+# step size exponentially to 10^-K of its start over the run (the report
+# takes the best K: a tuned exponential decay).
+REFERENCES = ("sgd_step", "sgd_exp1", "sgd_exp2", "sgd_exp3")
+
+
+def _reference(name, lr, momentum, ctx):
+  if name == "sgd_step":
+    sched = optimizers.learning_rate(lr, ctx, "step")
+  else:
+    sched = optax.exponential_decay(
+        lr, ctx.total_steps, 10.0 ** -int(name[len("sgd_exp"):]))
+  return optax.sgd(sched, momentum=momentum or None, nesterov=bool(momentum))
+
+
 def _build(rule, lr, momentum, ctx):
+  if isinstance(rule, str) and rule in REFERENCES:
+    return _reference(rule, lr, momentum, ctx)
   return aalig_optax.aalig(lr, ctx.num_examples, ctx.steps_per_epoch,
                            ctx.epochs_per_section, momentum=momentum,
                            aov_rule=rule)
@@ -118,6 +181,7 @@ class Runner:
 
   def _epoch_fn(self, rule, momentum):
     key = (rule, momentum)
+    reference = rule in REFERENCES
     rule = resolve(rule)
     if key in self._epochs:
       return self._epochs[key]
@@ -130,8 +194,13 @@ class Runner:
         p, r, s = carry
         (loss, (losses, r)), g = jax.value_and_grad(
             progs._loss_fn, has_aux=True)(p, r, x_all[ib], y_all[ib])
-        u, s = tx.update(g, s, p, losses=losses, indices=ib)
-        return (optax.apply_updates(p, u), r, s), s[0].step_size == 0
+        if reference:
+          u, s = tx.update(g, s, p)
+          zero = jnp.zeros([], bool)
+        else:
+          u, s = tx.update(g, s, p, losses=losses, indices=ib)
+          zero = s[0].step_size == 0
+        return (optax.apply_updates(p, u), r, s), zero
 
       (params, rest, opt_state), zero = jax.lax.scan(
           body, (params, rest, opt_state), idx)
@@ -173,9 +242,10 @@ class Runner:
     vm = np.asarray(vm)
     zero_curve = np.stack(zero_curve)  # [epochs, configs]
     last = max(1, ctx.epochs_per_section)
-    reached = jax.vmap(
-        lambda s: aalig_optax.aalig_metrics(s)["reached_fraction"])(
-            opt_state[0])
+    reached = (np.full(len(configs), np.nan) if rule in REFERENCES
+               else np.asarray(jax.vmap(
+                   lambda s: aalig_optax.aalig_metrics(s)["reached_fraction"])(
+                       opt_state[0])))
     return [{
         "lr": float(lr), "seed": int(seed),
         "train_loss": [float(t[i]) for t in train_curve],
@@ -186,6 +256,13 @@ class Runner:
         "reached_fraction": float(reached[i]),
     } for i, (lr, seed) in enumerate(configs)]
 
+
+
+def make_task(name: str, seeds: int) -> tasks_lib.Task:
+  """A task of :mod:`benchmarks.tasks` or :mod:`benchmarks.convex_tasks`."""
+  if name in convex_tasks.CONVEX_TASK_NAMES:
+    return convex_tasks.make_convex_task(name, seeds)
+  return tasks_lib.make_task(name, "cpu", seeds, seeds)
 
 
 def _floor(task) -> float | None:
@@ -201,22 +278,25 @@ def run(task_names, rules, seeds: int, smoke: bool = False,
   """Every (task, momentum, rule) of the suite; the raw results."""
   out = {"tasks": {}}
   for name in task_names:
-    task = tasks_lib.make_task(name, "cpu", seeds, seeds)
+    task = make_task(name, seeds)
     if smoke:
       task = tasks_lib.tiny(task)
     grid = tuple(task.grids["aalig"])
+    sgd_grid = tuple(task.grids.get("sgd", task.grids.get("sgd_step", grid)))
     runner = Runner(task)
     recs = {}
     for momentum in MOMENTA:
       for rule in rules:
         t0 = time.time()
-        recs[f"{momentum:g}|{rule}"] = runner.run(rule, momentum, grid,
-                                                  range(task.seeds))
+        recs[f"{momentum:g}|{rule}"] = runner.run(
+            rule, momentum, sgd_grid if rule in REFERENCES else grid,
+            range(task.seeds))
         log(f"{name} momentum {momentum:g} {rule}: {time.time() - t0:.0f} s",
             flush=True)
     out["tasks"][name] = {
         "label": task.label, "notes": task.notes, "floor": _floor(task),
-        "grid": list(grid), "seeds": task.seeds, "metric": task.metric,
+        "grid": list(grid), "sgd_grid": list(sgd_grid), "seeds": task.seeds,
+        "metric": task.metric,
         "records": recs}
   return out
 
@@ -233,13 +313,16 @@ def rewrite(stem: str) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0] + " Rules: the library's "
-      f"{RULES[:2]}, the reference 'fixed', candidates "
+      f"{tuple(r for r in RULES if r != 'fixed')}, the references 'fixed' "
+      f"and {REFERENCES}, candidates "
       f"{tuple(c for c in CANDIDATES if c != 'fixed')}.")
   parser.add_argument(
-      "--tasks", default=",".join(DEFAULT_TASKS),
-      help="comma-separated task names of benchmarks.tasks (default: "
-      "%(default)s; also rbf_ijcnn1, regime_fmnist_mlp, regime_tolstoi_lstm)")
-  parser.add_argument("--rules", default=",".join(RULES),
+      "--tasks", default=None,
+      help="comma-separated task names of benchmarks.tasks or "
+      f"benchmarks.convex_tasks (default: {','.join(DEFAULT_TASKS)}; with "
+      f"--smoke {','.join(SMOKE_TASKS)}; also rbf_ijcnn1, "
+      "regime_fmnist_mlp, regime_tolstoi_lstm)")
+  parser.add_argument("--rules", default=",".join(RULES + REFERENCES),
                       help="comma-separated rules (default: %(default)s)")
   parser.add_argument("--seeds", type=int, default=5,
                       help="seeds per step size (default: %(default)s)")
@@ -251,6 +334,8 @@ def main(argv=None) -> None:
                       help="tiny data, 2 epochs, 2 step sizes (about a "
                       "minute); numbers mean nothing")
   args = parser.parse_args(argv)
+  if args.tasks is None:
+    args.tasks = ",".join(SMOKE_TASKS if args.smoke else DEFAULT_TASKS)
   rules = args.rules.split(",")
   for r in rules:
     try:
@@ -258,7 +343,7 @@ def main(argv=None) -> None:
     except ValueError as e:
       parser.error(str(e))
   known = (tasks_lib.TASK_NAMES + tasks_lib.SHORT_TASK_NAMES
-           + regime_tasks.REGIME_TASK_NAMES)
+           + regime_tasks.REGIME_TASK_NAMES + convex_tasks.CONVEX_TASK_NAMES)
   unknown = [t for t in args.tasks.split(",") if t not in known]
   if unknown:
     parser.error(f"unknown task(s) {unknown}; choose from {known}")

@@ -87,7 +87,8 @@ API_GROUPS = [
     ("AOV rules and starting AOVs", "The section-end AOV updates that "
      "`aov_rule=` names, as pure functions, and the per-example loss table "
      "that `initial_aov=` takes.",
-     ["update_aovs", "update_aovs_reflect", "loss_table"]),
+     ["update_aovs", "update_aovs_reflect", "update_aovs_anneal",
+      "loss_table"]),
     ("ALI-G", "The interpolation special case: no tables, the batch loss "
      "as `value=`, and its L2-ball constraint.",
      ["alig", "scale_by_alig", "project_l2_ball"]),

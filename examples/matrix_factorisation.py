@@ -79,15 +79,18 @@ from examples.common import report
 #
 # (rank1 alig/sps 0.1 beat 1 in the 6th digit: 0.1317865 vs 0.1317924.)
 # Reproduce: --lr aalig=X --lr alig=X ... for each grid point.
+# aalig_anneal (aov_rule="anneal", opt-in: --optimisers aalig,aalig_anneal)
+# takes the step sizes the AOV-rule suite chose for it on these tasks
+# (benchmarks/results/aov_rules.md, momentum 0, 5 seeds).
 TUNED_LRS = {
-    "rank1": {"aalig": 1.0, "alig": 0.1, "sps": 0.1, "adam": 0.01,
-              "sgd": 0.1},
-    "rank4": {"aalig": 10.0, "alig": 1.0, "sps": 1.0, "adam": 0.01,
-              "sgd": 1.0},
-    "rank10": {"aalig": 10.0, "alig": 10.0, "sps": 10.0, "adam": 0.01,
-               "sgd": 1.0},
-    "full": {"aalig": 10.0, "alig": 10.0, "sps": 10.0, "adam": 0.1,
-             "sgd": 1.0},
+    "rank1": {"aalig": 1.0, "aalig_anneal": 1.0, "alig": 0.1, "sps": 0.1,
+              "adam": 0.01, "sgd": 0.1},
+    "rank4": {"aalig": 10.0, "aalig_anneal": 1.0, "alig": 1.0, "sps": 1.0,
+              "adam": 0.01, "sgd": 1.0},
+    "rank10": {"aalig": 10.0, "aalig_anneal": 10.0, "alig": 10.0,
+               "sps": 10.0, "adam": 0.01, "sgd": 1.0},
+    "full": {"aalig": 10.0, "aalig_anneal": 10.0, "alig": 10.0, "sps": 10.0,
+             "adam": 0.1, "sgd": 1.0},
 }
 PROBLEMS = {"rank1": 1, "rank4": 4, "rank10": 10, "full": None}
 

@@ -51,10 +51,10 @@ def lr_override(text: str) -> str:
   if not sep:
     raise argparse.ArgumentTypeError(
         f"expected NAME=VALUE (e.g. aalig=0.1), got {text!r}")
-  if name not in optimizers.OPTIMISERS:
+  if name not in optimizers.CHOICES:
     raise argparse.ArgumentTypeError(
         f"unknown optimiser {name!r}: one of "
-        f"{', '.join(optimizers.OPTIMISERS)}")
+        f"{', '.join(optimizers.CHOICES)}")
   for value in values.split(":"):
     try:
       ok = math.isfinite(float(value)) and float(value) > 0
@@ -107,8 +107,8 @@ def make_parser(doc: str, *, presets: Mapping[str, Any], workdir: str,
   preset_arg(parser, "--epochs", presets, type=positive_int)
   preset_arg(parser, "--batch-size", presets, type=positive_int)
   preset_arg(parser, "--optimisers", presets,
-             type=comma_list(optimizers.OPTIMISERS),
-             help=f"comma-separated, from {optimizers.OPTIMISERS}")
+             type=comma_list(optimizers.CHOICES),
+             help=f"comma-separated, from {optimizers.CHOICES}")
   if "PAPER" in presets:
     parser.add_argument("--paper", action="store_true",
                         help="the paper's settings: the PAPER preset")
@@ -242,9 +242,9 @@ def optimiser_configs(args, default_lrs: Mapping[str, float],
   configs = []
   for name in args.optimisers.split(","):
     name = name.strip()
-    if name not in optimizers.OPTIMISERS:
+    if name not in optimizers.CHOICES:
       raise SystemExit(f"unknown optimiser {name!r}; one of "
-                       f"{optimizers.OPTIMISERS}")
+                       f"{optimizers.CHOICES}")
     extra = dict(kwargs.get("common", {}))
     extra.update(kwargs.get(name, {}))
     configs.append(optimizers.OptConfig(name, lrs[name], **extra))

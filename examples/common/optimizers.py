@@ -40,11 +40,14 @@ import aalig_optax
 from examples.common import data as data_lib
 
 __all__ = ["OPTIMISERS", "OptConfig", "OptSpec", "RunContext", "SPECS",
-           "aalig_state", "build", "eval_params", "learning_rate",
+           "aalig_state", "build", "CHOICES", "eval_params", "learning_rate",
            "logged_step_size", "make_optimizer"]
 
 # The optimisers an example may pick with --optimisers.
 OPTIMISERS = ("aalig", "alig", "sps", "adam", "sgd")
+# What --optimisers accepts: the defaults, and AALIG with aov_rule="anneal"
+# (the rule to use with momentum on problems the model cannot interpolate).
+CHOICES = OPTIMISERS + ("aalig_anneal",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +124,14 @@ def _aalig(lr, wd, ctx, momentum, schedule):
   return aalig_optax.aalig(
       lr, ctx.num_examples, ctx.steps_per_epoch, ctx.epochs_per_section,
       momentum=momentum, weight_decay=0.0 if wd is None else wd)
+
+
+def _aalig_anneal(lr, wd, ctx, momentum, schedule):
+  del schedule
+  return aalig_optax.aalig(
+      lr, ctx.num_examples, ctx.steps_per_epoch, ctx.epochs_per_section,
+      momentum=momentum, weight_decay=0.0 if wd is None else wd,
+      aov_rule="anneal")
 
 
 def _aalig_chain(lr, wd, ctx, momentum, schedule):
@@ -225,6 +236,9 @@ SPECS = {
     s.name: s for s in [
         OptSpec("aalig", "AALIG", _aalig, True,
                 "aalig(max_lr, N, steps/epoch, epochs//10), momentum 0.9"),
+        OptSpec("aalig_anneal", "AALIG (anneal)", _aalig_anneal, True,
+                "aalig(..., aov_rule='anneal'): the AOV rule for momentum "
+                "on problems the model cannot interpolate"),
         OptSpec("aalig_chain", "AALIG (chain)", _aalig_chain, True,
                 "chain(scale_by_aalig, trace(0.9, nesterov), scale(-1)); "
                 "diagnostic, overhead only"),
@@ -334,7 +348,7 @@ def logged_step_size(cfg: OptConfig, opt_state, grads, loss,
   AALIG and ALI-G report it in their state; for SPS it is recomputed from
   its formula; for Adam and SGD it is the learning rate.
   """
-  if cfg.name in ("aalig", "alig"):
+  if cfg.name in ("aalig", "aalig_anneal", "alig"):
     return aalig_state(opt_state, (aalig_optax.ScaleByAaligState,
                                    aalig_optax.ScaleByAligState)).step_size
   if cfg.name == "sps":

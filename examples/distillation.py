@@ -366,7 +366,7 @@ def main(argv=None):
                      initial_mean_aov="table: " + mean_std(teacher_losses))
   teacher_row["table_mean_per_seed"] = teacher_losses
   rows.append(teacher_row)
-  _plot(hists, initial, teacher_hists, floor, t_floor, args,
+  plots.distillation(hists, initial, teacher_hists, floor, t_floor, args,
         workdir / "distillation.png")
   first = {label: h[0] for label, h in hists.items()}
   plots.plot_runs(first, workdir / f"students_seed{args.seed}.png",
@@ -387,58 +387,6 @@ def main(argv=None):
       histories, f"Plots: {workdir / 'distillation.png'} and "
       f"{workdir / f'students_seed{args.seed}.png'}")
   return rows
-
-
-def _plot(hists, initial, teacher_hists, floor, t_floor, args, path):
-  """Training loss and mean AOV per epoch, per variant (seed mean, with
-  the seeds' range shaded), beside the student's and teacher's floors.
-
-  The AOV panel starts at epoch 0 with the initial table's mean (0 or the
-  teacher's) and is symlog, so that the zero start stays on the axis."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax_loss, ax_aov) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for i, (label, runs) in enumerate(hists.items()):
-    curves = np.array([[r["train_loss"] for r in h] for h in runs])
-    ep = np.arange(1, curves.shape[1] + 1)
-    line, = ax_loss.plot(ep, curves.mean(0), label=label,
-                         **plots.style(i, len(ep)))
-    if len(runs) > 1:
-      ax_loss.fill_between(ep, curves.min(0), curves.max(0),
-                           color=line.get_color(), alpha=0.15)
-    if initial[label]:
-      aov = np.array([[r["mean_aov"] for r in h] for h in runs]).mean(0)
-      aov0 = np.mean([np.mean(a) for a in initial[label]])
-      # The AOVs move at section ends only: a step function.
-      ax_aov.step(np.arange(0, len(ep) + 1), np.concatenate([[aov0], aov]),
-                  where="post", label=label, **plots.style(i, len(ep)))
-  t_curve = np.array([[r["train_loss"] for r in h]
-                      for h in teacher_hists]).mean(0)
-  ax_loss.plot(np.arange(1, len(t_curve) + 1), t_curve, "k:", lw=1,
-               label="teacher (Adam)")
-  for ax in (ax_loss, ax_aov):
-    ax.axhline(floor, color="k", ls="--", lw=0.8, label="student's floor")
-    if t_floor > 1e-12:
-      ax.axhline(t_floor, color="grey", ls="-.", lw=0.8,
-                 label="teacher's floor")
-    ax.set(xlabel="epoch")
-    ax.grid(alpha=0.3)
-    plots.integer_epochs(ax)
-  ax_loss.set_yscale("log")
-  ax_aov.set_yscale("symlog", linthresh=min(floor, t_floor)
-                    if t_floor > 1e-12 else floor / 10)
-  ax_aov.set_ylim(bottom=0)
-  ax_loss.set_ylabel("training loss (full training set)")
-  ax_aov.set_ylabel("mean AOV (after the epoch)")
-  ax_loss.legend(fontsize=7)
-  ax_aov.legend(fontsize=7)
-  fig.suptitle(f"Distillation on matrix factorisation: rank-"
-               f"{args.student_rank} students, mean of {args.seeds} seed(s)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ import numpy as np
 from examples.common import cli
 from examples.common import loop
 from examples.common import optimizers
+from examples.common import plots
 from examples.common import problems
 from examples.common import rbf
 from examples.common import report
@@ -246,52 +247,6 @@ def summary_row(name: str, opt: str, grid: dict, j: int) -> dict:
   return row
 
 
-def plot_sweep(name: str, grids: dict, chosen: dict, path,
-               title: str = "step sizes chosen by validation accuracy"
-               ) -> None:
-  """Training loss (log) and validation accuracy of the chosen step sizes.
-
-  `grids`: optimiser -> :func:`train_grid`'s output (or the same layout);
-  `chosen`: optimiser -> index of its step size.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
-  markers = "os^Dvx*"
-  for i, (opt, grid) in enumerate(grids.items()):
-    j = chosen[opt]
-    ep = np.asarray(grid["epoch"])
-    label = f"{optimizers.SPECS[opt].label} (lr={grid['lr'][j]:g})"
-    # Validation accuracy from epoch 1: the initialisation's (near chance)
-    # would squash the curves that matter.
-    first_val = 1 if ep[0] == 0 else 0
-    for ax, key, first in ((ax_l, "train_loss", 0),
-                           (ax_a, "val_acc", first_val)):
-      v = np.asarray(grid[key])[first:, :, j]
-      line, = ax.plot(ep[first:], v.mean(1),
-                      marker=markers[i % len(markers)],
-                      markevery=(i % 5, 5), ms=5, lw=1.2, label=label,
-                      mfc="none")
-      if v.shape[1] > 1:
-        ax.fill_between(ep[first:], v.min(1), v.max(1),
-                        color=line.get_color(), alpha=0.15, lw=0)
-  seeds = len(next(iter(grids.values()))["seed"])
-  ax_l.set(yscale="log", xlabel="epoch", ylabel="training loss (full set)")
-  ax_a.set(xlabel="epoch", ylabel="validation accuracy")
-  for ax in (ax_l, ax_a):
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-  ax_a.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-  fig.suptitle(f"RBF kernel, {name}: mean over {seeds} seed(s) (band: "
-               f"min-max), {title}", fontsize=10)
-  fig.tight_layout()
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-
-
 def sweep(args, names, opts) -> list[dict]:
   """--sweep: the cross-validation of every optimiser (see the docstring)."""
   workdir = pathlib.Path(args.workdir)
@@ -333,7 +288,7 @@ def sweep(args, names, opts) -> list[dict]:
         "chosen": {o: grids[o]["lr"][j] for o, j in chosen.items()},
         "grids": {o: {k: (v.tolist() if isinstance(v, np.ndarray) else v)
                       for k, v in g.items()} for o, g in grids.items()}}})
-    plot_sweep(name, grids, chosen, workdir / f"{name}_sweep.png")
+    plots.kernel_sweep(name, grids, chosen, workdir / f"{name}_sweep.png")
   table = report.format_table(
       [dict(r, train_loss=f"{r['train_loss']:.4g} ± {r['train_loss_std']:.2g}"
             f" [{r['train_loss_min']:.4g}, {r['train_loss_max']:.4g}]",
@@ -432,7 +387,7 @@ def main(argv=None):
       print(f"{name} {cfg.label}: final train_loss {rows[-1]['train_loss']:.4g}"
             f", val_acc {rows[-1]['val_acc']:.4f} (mean of {args.seeds} "
             "seed(s))", flush=True)
-    plot_sweep(name, per_opt, {o: 0 for o in per_opt},
+    plots.kernel_sweep(name, per_opt, {o: 0 for o in per_opt},
                workdir / f"{name}.png", title="the step sizes given")
   report.summarise(
       workdir, f"RBF kernel classification, {args.epochs} epochs, batch "

@@ -12,7 +12,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-__all__ = ["MARKERS", "integer_epochs", "plot_runs", "style"]
+__all__ = ["MARKERS", "distillation", "integer_epochs", "kernel_sweep",
+           "plot_runs", "style"]
 
 # One marker per run, drawn at a few points only, so that curves that
 # coincide (e.g. ALI-G and SPS at the same step size) stay visible.
@@ -150,5 +151,105 @@ def plot_runs(histories: Mapping[str, list], path, *,
   rows = -(-len(labels) // 4)
   fig.tight_layout(rect=(0, 0.01 + 0.025 * rows, 1, 1))
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def kernel_sweep(name: str, grids: dict, chosen: dict, path,
+                 title: str = "step sizes chosen by validation accuracy"
+                 ) -> None:
+  """Training loss (log) and validation accuracy of the chosen step sizes.
+
+  `grids`: optimiser -> ``rbf_kernel.train_grid``'s output (or the same
+  layout);
+  `chosen`: optimiser -> index of its step size.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
+  markers = "os^Dvx*"
+  for i, (opt, grid) in enumerate(grids.items()):
+    j = chosen[opt]
+    ep = np.asarray(grid["epoch"])
+    from examples.common import optimizers  # (It imports no figure code.)
+    label = f"{optimizers.SPECS[opt].label} (lr={grid['lr'][j]:g})"
+    # Validation accuracy from epoch 1: the initialisation's (near chance)
+    # would squash the curves that matter.
+    first_val = 1 if ep[0] == 0 else 0
+    for ax, key, first in ((ax_l, "train_loss", 0),
+                           (ax_a, "val_acc", first_val)):
+      v = np.asarray(grid[key])[first:, :, j]
+      line, = ax.plot(ep[first:], v.mean(1),
+                      marker=markers[i % len(markers)],
+                      markevery=(i % 5, 5), ms=5, lw=1.2, label=label,
+                      mfc="none")
+      if v.shape[1] > 1:
+        ax.fill_between(ep[first:], v.min(1), v.max(1),
+                        color=line.get_color(), alpha=0.15, lw=0)
+  seeds = len(next(iter(grids.values()))["seed"])
+  ax_l.set(yscale="log", xlabel="epoch", ylabel="training loss (full set)")
+  ax_a.set(xlabel="epoch", ylabel="validation accuracy")
+  for ax in (ax_l, ax_a):
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+  ax_a.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+  fig.suptitle(f"RBF kernel, {name}: mean over {seeds} seed(s) (band: "
+               f"min-max), {title}", fontsize=10)
+  fig.tight_layout()
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def distillation(hists, initial, teacher_hists, floor, t_floor, args, path):
+  """Training loss and mean AOV per epoch, per variant (seed mean, with
+  the seeds' range shaded), beside the student's and teacher's floors.
+
+  The AOV panel starts at epoch 0 with the initial table's mean (0 or the
+  teacher's) and is symlog, so that the zero start stays on the axis."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_loss, ax_aov) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for i, (label, runs) in enumerate(hists.items()):
+    curves = np.array([[r["train_loss"] for r in h] for h in runs])
+    ep = np.arange(1, curves.shape[1] + 1)
+    line, = ax_loss.plot(ep, curves.mean(0), label=label,
+                         **style(i, len(ep)))
+    if len(runs) > 1:
+      ax_loss.fill_between(ep, curves.min(0), curves.max(0),
+                           color=line.get_color(), alpha=0.15)
+    if initial[label]:
+      aov = np.array([[r["mean_aov"] for r in h] for h in runs]).mean(0)
+      aov0 = np.mean([np.mean(a) for a in initial[label]])
+      # The AOVs move at section ends only: a step function.
+      ax_aov.step(np.arange(0, len(ep) + 1), np.concatenate([[aov0], aov]),
+                  where="post", label=label, **style(i, len(ep)))
+  t_curve = np.array([[r["train_loss"] for r in h]
+                      for h in teacher_hists]).mean(0)
+  ax_loss.plot(np.arange(1, len(t_curve) + 1), t_curve, "k:", lw=1,
+               label="teacher (Adam)")
+  for ax in (ax_loss, ax_aov):
+    ax.axhline(floor, color="k", ls="--", lw=0.8, label="student's floor")
+    if t_floor > 1e-12:
+      ax.axhline(t_floor, color="grey", ls="-.", lw=0.8,
+                 label="teacher's floor")
+    ax.set(xlabel="epoch")
+    ax.grid(alpha=0.3)
+    integer_epochs(ax)
+  ax_loss.set_yscale("log")
+  ax_aov.set_yscale("symlog", linthresh=min(floor, t_floor)
+                    if t_floor > 1e-12 else floor / 10)
+  ax_aov.set_ylim(bottom=0)
+  ax_loss.set_ylabel("training loss (full training set)")
+  ax_aov.set_ylabel("mean AOV (after the epoch)")
+  ax_loss.legend(fontsize=7)
+  ax_aov.legend(fontsize=7)
+  fig.suptitle(f"Distillation on matrix factorisation: rank-"
+               f"{args.student_rank} students, mean of {args.seeds} seed(s)")
+  fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -169,35 +169,32 @@ def _gamma64(g, gap, max_lr, eps):
   return min(max(gap, 0.0) / denom, max_lr), denom > F32_MAX
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-def test_finite_gradient_with_overflowing_norm_is_a_zero_step(jit):
-  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=10,
-                      epochs_per_section=1)
-  big = 3e19  # Finite; its square (9e38) is not a float32.
-  grads = {"a": jnp.full((3,), big), "b": jnp.array([1.0])}
-  losses = jnp.array([3e38, 3e38])
-  updates, state = run_update(tx, tx.init(None), grads, losses,
+# Finite gradients whose ||g||^2 overflows float32, with the batch's losses.
+_OVERFLOWING_NORMS = {
+    "one entry 2e19": (jnp.array([2e19, 1.0]), [1e3, 2e3]),
+    "one entry 3e19": (jnp.array([3e19, 1.0]), [1e3, 2e3]),
+    "one entry 1e20": (jnp.array([1e20, 1.0]), [1e3, 2e3]),
+    # Finite; its square (9e38) is not a float32.
+    "a leaf of 3e19, losses 3e38": (
+        {"a": jnp.full((3,), 3e19), "b": jnp.array([1.0])}, [3e38, 3e38]),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", list(_OVERFLOWING_NORMS))
+def test_overflowing_norm_takes_a_zero_step_and_records_the_losses(case, jit):
+  """||g||^2 overflows float32 for a finite g: a zero step, the (finite)
+  losses recorded, the step counted (not skipped), the overflow counted,
+  eagerly and under jit alike."""
+  grads, losses = _OVERFLOWING_NORMS[case]
+  tx = ao.scale_by_aalig(1.0, 8, 100, 1)
+  updates, state = run_update(tx, tx.init(None), grads,
+                              jnp.array(losses, jnp.float32),
                               jnp.array([0, 1]), jit=jit)
-  assert int(state.num_skipped) == 0 and int(state.count) == 1
-  assert int(state.num_overflows) == 1
-  np.testing.assert_array_equal(np.asarray(state.last_loss)[:2],
-                                np.float32([3e38, 3e38]))
   for u in jax.tree.leaves(updates):
     np.testing.assert_array_equal(np.asarray(u), 0.0)
-
-
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("g", [2e19, 3e19, 1e20])
-def test_overflowing_norm_takes_a_zero_step_and_records_the_losses(jit, g):
-  """||g||^2 overflows float32 for a finite g: a zero step, the (finite)
-  losses recorded, the step counted, eagerly and under jit alike."""
-  tx = ao.scale_by_aalig(1.0, 8, 100, 1)
-  update = jax.jit(tx.update) if jit else tx.update
-  updates, state = update(jnp.array([g, 1.0]), tx.init(None),
-                          losses=jnp.array([1e3, 2e3]),
-                          indices=jnp.array([0, 1]))
-  np.testing.assert_array_equal(np.asarray(updates), 0.0)
-  np.testing.assert_array_equal(np.asarray(state.last_loss)[:2], [1e3, 2e3])
+  np.testing.assert_array_equal(np.asarray(state.last_loss)[:2],
+                                np.float32(losses))
   assert int(state.num_skipped) == 0 and int(state.count) == 1
   assert int(state.num_overflows) == 1
 

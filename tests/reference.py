@@ -1,15 +1,45 @@
-"""An independent NumPy transcription of docs/algorithm.md, for the tests.
+"""The one independent NumPy transcription of docs/algorithm.md, for the tests.
 
 Written from the semantics alone (no import of the package), one example at
 a time where the text speaks per example, so that the tests compare two separate
-readings of the same text.
+readings of the same text. One set of rules (`step_size`, `lowest_per_index`,
+`NumpyAalig.section_end`) serves both readers:
+
+- `NumpyAalig`: whole trajectories (step size, records, momentum, sections)
+  in float64, for the trajectory tests (tests/test_sections.py);
+- `one_update`: one update at the edges (table dtypes, float32 losses,
+  non-finite input, out-of-range indices), for the fuzz against the spec
+  (tests/test_bad_input.py).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
+import ml_dtypes
 import numpy as np
+
+
+def step_size(gap, sq, max_lr, eps):
+  """gamma = clip(gap / (||g||^2 + eps), 0, max_lr); NaN for a non-finite gap
+  or norm (the batch is skipped); 0 where the denominator is below float32's
+  machine epsilon."""
+  if not (np.isfinite(gap) and np.isfinite(sq)):
+    return math.nan
+  denom = sq + eps
+  if denom <= np.finfo(np.float32).eps:
+    return 0.0
+  return min(max(gap, 0.0) / denom, max_lr)
+
+
+def lowest_per_index(rows):
+  """Records of (loss, index) rows: a duplicated index keeps its lowest loss
+  (the package's documented choice for a case the spec leaves open)."""
+  written = {}
+  for l, i in rows:
+    written[i] = min(l, written.get(i, math.inf))
+  return written
 
 
 class NumpyAalig:
@@ -50,14 +80,10 @@ class NumpyAalig:
     else:
       gap = 0.0
     sq = float(np.sum(np.asarray(grad, np.float64) ** 2))
-    gamma = min(max(gap / (sq + self.eps), 0.0), self.max_lr)
+    gamma = step_size(gap, sq, self.max_lr, self.eps)
     self.step_sizes.append(gamma)
-    # Record; a duplicated index keeps its lowest loss (the package's
-    # documented choice for a case the spec leaves open).
-    written = {}
-    for l, i in rows:
-      written[i] = min(l, written.get(i, math.inf))
-    for i, l in written.items():
+    # Record; a duplicated index keeps its lowest loss.
+    for i, l in lowest_per_index(rows).items():
       self.last_loss[i] = l
       self.recorded.add(i)
     self.epoch_losses.extend(l for l, _ in rows)
@@ -106,3 +132,74 @@ def numpy_update_aovs(aov, aov_step, estimate, lower_bound):
   ref.aov_step = [float(d) for d in aov_step]
   ref.section_end([float(l) for l in estimate], examples=range(len(aov)))
   return np.array(ref.aov), np.array(ref.aov_step)
+
+
+def as_float32(losses):
+  """Per-example losses as JAX sees them: float32 (x64 off), +-inf beyond."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return np.asarray(losses).astype(np.float64).astype(np.float32)
+
+
+def one_update(prior, grads, losses, indices, mask, table_dtype, *,
+               num_examples, max_lr, eps, lower_bound, steps_per_section,
+               skips=True):
+  """Expected (step size, skipped, state fields) of one update at the edges.
+
+  `prior` holds float64 copies of the tables and the counters; `table_dtype`
+  is the tables' NumPy dtype. `skips`: the core skips a batch with a
+  non-finite loss or gradient (and counts it) rather than letting its step
+  size become NaN for `optax.apply_if_finite`. Returns a dict; `eager_error`
+  is set when an eager update must refuse the batch (an index out of range).
+  """
+  tmax = float(ml_dtypes.finfo(table_dtype).max)
+  idx = [int(i) for i in np.asarray(indices)]  # no wrap: Python ints
+  b = len(idx)
+  m = [True] * b if mask is None else [bool(x) for x in np.asarray(mask)]
+  l32 = as_float32(losses)
+  in_range = [0 <= i < num_examples for i in idx]
+  valid = [m[r] and in_range[r] for r in range(b)]
+  num_invalid = sum(m[r] and not in_range[r] for r in range(b))
+
+  # Step 1-2: gap and gamma.
+  rows = [r for r in range(b) if valid[r]]
+  g = np.asarray(grads, np.float64)
+  sq = float(np.sum(g * g)) if np.all(np.isfinite(g)) else np.nan
+  if rows:
+    vals = [float(l32[r]) for r in rows]
+    if all(np.isfinite(vals)):
+      gap = (np.mean(vals) - np.mean([prior["aov"][idx[r]] for r in rows]))
+    else:
+      gap = np.nan
+  else:
+    gap = 0.0
+  bad = not (np.isfinite(gap) and np.isfinite(sq))
+  step = step_size(gap, sq, max_lr, eps)
+  skipped = bad and skips
+
+  # Step 3: records. Non-finite losses never; duplicates keep the lowest.
+  last = prior["last_loss"].copy()
+  if not skipped:
+    written = lowest_per_index(
+        (float(np.asarray(np.clip(l32[r], -tmax, tmax)).astype(table_dtype)),
+         idx[r]) for r in rows if np.isfinite(l32[r]))
+    for i, v in written.items():
+      last[i] = v
+
+  # Sections: after the last step of a section, update every example
+  # recorded in it (the prior state's seen examples were recorded in the
+  # current section, and so is the batch).
+  count = prior["count"] + (0 if skipped else 1)
+  aov, aov_step = prior["aov"].copy(), prior["aov_step"].copy()
+  sections, reached_fraction = prior["num_sections"], None
+  if not skipped and count % steps_per_section == 0:
+    seen = ~np.isnan(last)
+    reached = seen & (last <= aov)
+    reached_fraction = reached.sum() / max(seen.sum(), 1)
+    aov, aov_step = numpy_update_aovs(aov, aov_step, last, lower_bound)
+    sections += 1
+  return dict(step=step, skipped=skipped, bad=bad, last_loss=last, aov=aov,
+              aov_step=aov_step, count=count, num_sections=sections,
+              reached_fraction=reached_fraction,
+              num_invalid=prior["num_invalid"] + num_invalid,
+              eager_error=num_invalid > 0)

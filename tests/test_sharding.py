@@ -3,7 +3,10 @@
 The root conftest gives 8 simulated CPU devices. Every multi-device run must
 reproduce the single-device run (params, tables, counters) up to float32
 reduction order, whatever the number of devices, the table layout
-(replicated or split along the example axis) and the parallel API.
+(replicated or split along the example axis) and the parallel API. The
+state's shardings are stable across steps, a donated step moves and copies
+no table, and a table split over a `shard_map` axis is refused in words.
+Batches placed (or not) on explicit meshes: test_sharding_explicit_mesh.py.
 """
 
 import functools
@@ -628,3 +631,27 @@ def test_repeated_indices_across_devices_match_single_device(
   tol = TOL if table_dtype == jnp.float32 else dict(
       TOL, rtol=2 * float(jnp.finfo(table_dtype).eps))
   chex.assert_trees_all_close((params, state), ref, **tol)
+
+
+@pytest.mark.skipif(jax.device_count() < 8,
+                    reason="needs 8 (simulated) devices; see conftest")
+def test_split_tables_under_shard_map_are_refused_in_words():
+  n_dev = 8
+  mesh = jax.make_mesh((n_dev,), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  tx = ao.scale_by_aalig(1.0, num_examples=64, steps_per_epoch=4,
+                         epochs_per_section=1, axis_name="data")
+  state = tx.init(None)
+  specs = jax.tree.map(lambda _: P(), state)
+  specs = specs._replace(aov=P("data"), aov_step=P("data"),
+                         last_loss=P("data"))
+
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(specs, P("data"), P("data")),
+                     out_specs=specs)
+  def step(s, l, i):
+    return tx.update(jnp.ones(2), s, None, losses=l, indices=i)[1]
+
+  with pytest.raises(ValueError, match="num_examples=64") as e:
+    jax.jit(step)(state, jnp.ones(16), jnp.arange(16))
+  assert "8 rows" in str(e.value) and "replicated" in str(e.value)

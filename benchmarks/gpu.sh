@@ -14,7 +14,7 @@
 # when given) and gpu.log.
 # Each stage has a time limit, so that one slow stage leaves the others their
 # time; a stage that fails is reported and the rest still run. Set TESTS to a
-# pytest selection (e.g. "tests/test_core.py") to also run tests on the GPU.
+# pytest selection (e.g. "tests/test_step_size.py") to also run tests on the GPU.
 # Without a GPU it stops with exit status 2 (ALLOW_CPU=1: run on the CPU).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [BASELINE_CHECKOUT]}

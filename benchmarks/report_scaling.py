@@ -58,7 +58,7 @@ def to_markdown(res):
         "",
         "Why the two runs differ: the compiled step holds no O(N) work "
         "outside the section-end `lax.cond` and copies no table "
-        "(tests/test_scaling.py checks the HLO), but XLA:CPU allocates the "
+        "(tests/test_sharding.py checks the HLO), but XLA:CPU allocates the "
         "program's temporary buffer at every call, and the section end's "
         "temporaries (about 5 bytes per example: a comparison mask and the "
         "int32 operand of the counts behind `reached_fraction`, which "

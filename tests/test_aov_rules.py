@@ -13,7 +13,7 @@ import pytest
 
 import aalig_optax as ao
 from aalig_optax import _aov
-from tests.test_core import aov_tables
+from tests.test_sections import aov_tables
 
 
 def _run(tx, steps=24, n=48, b=8, seed=0):
@@ -263,7 +263,7 @@ def test_anneal_rule_by_name_and_the_default_unchanged():
 def test_anneal_rule_on_a_split_table():
   """aov_rule="anneal", tables split over 8 devices: the single-device run,
   to float32 rounding."""
-  from tests import test_scaling as ts
+  from tests import test_sharding as ts
   if jax.device_count() < 8:
     pytest.skip("needs 8 (simulated) devices; see conftest")
   make = lambda: ao.aalig(0.5, ts.N, ts.STEPS_PER_EPOCH,

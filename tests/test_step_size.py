@@ -10,6 +10,8 @@ computed as float64 says; weight decay and the L2-ball projection.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -249,6 +251,26 @@ def test_overflowing_norm_of_any_leaf_shape_is_a_zero_step(shape):
     assert float(state.step_size) == 0.0
 
 
+@functools.lru_cache(maxsize=None)
+def _large_gradient_steps(eps):
+  """Jitted (AALIG's update and state, ALI-G's update) of a 4096-entry
+  gradient and a batch of two examples of loss `gap`: compiled once per
+  eps."""
+  from aalig_optax import scale_by_alig  # pylint: disable=g-import-not-at-top
+  aalig = scale_by_aalig(1e30, num_examples=4, steps_per_epoch=10,
+                         epochs_per_section=1, eps=eps)
+  alig = scale_by_alig(1e30, eps=eps)
+
+  @jax.jit
+  def steps(g, gap):
+    updates, state = aalig.update(g, aalig.init(None), None,
+                                  losses=jnp.full((2,), gap),
+                                  indices=jnp.arange(2))
+    return updates, state, alig.update(g, alig.init(None), None,
+                                       value=gap)[0]
+  return steps
+
+
 @hypothesis.settings(max_examples=40, deadline=None)
 @hypothesis.given(
     size=st.integers(1, 4096),
@@ -262,8 +284,9 @@ def test_large_gradients_step_as_float64_says_or_take_a_zero_step(
   """Gradients from 2^50 up to float32's largest entries, spread over up to
   80 binary orders: where ||g||^2 + eps fits in float32 the update is
   float64's gamma g (where normal), where it overflows a zero step, for
-  AALIG and ALI-G alike; never a skip. (One leaf shape, zero past `size`
-  entries: one compilation per eps.)"""
+  AALIG and ALI-G alike; never a skip while the entries' sum is finite (see
+  the next test). (One leaf shape, zero past `size` entries: one
+  compilation per eps.)"""
   rng = np.random.default_rng(seed)
   g = np.zeros(4096, np.float32)
   g[:size] = np.exp2(top - rng.uniform(0.0, spread, size)) * rng.choice(
@@ -273,15 +296,33 @@ def test_large_gradients_step_as_float64_says_or_take_a_zero_step(
   # Within float32's rounding of the edge either outcome is right.
   hypothesis.assume(abs(float(np.sum(g.astype(np.float64) ** 2))
                         + float(np.float32(eps)) - F32_MAX) > 1e-5 * F32_MAX)
-  updates, state = _aalig_step(g, gap, eps=eps)
+  hypothesis.assume(abs(float(np.sum(g.astype(np.float64)))) < 0.5 * F32_MAX)
+  updates, state, alig_updates = _large_gradient_steps(eps)(
+      jnp.asarray(g), jnp.float32(gap))
   assert int(state.num_skipped) == 0
   assert int(state.num_overflows) == int(overflows)
   if overflows:
     np.testing.assert_array_equal(np.asarray(updates), 0.0)
   elif gamma >= 2.0**-126:  # A subnormal step size has few bits: see docs.
     _assert_close_where_normal(updates, gamma * g.astype(np.float64))
-  alig_updates, _ = _alig_step(g, gap, eps=eps, max_lr=1e30)
   chex.assert_trees_all_equal(alig_updates, updates)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_finite_entries_that_sum_past_float32_skip_the_batch(jit):
+  """The documented edge of telling an infinite entry from an overflowing
+  norm by the entries' sum: finite entries near float32's largest value
+  whose sum overflows are taken for an infinite one, and the batch is
+  skipped (nothing recorded), not stepped."""
+  g = np.full(4, 2.0**126, np.float32)  # sum 2^128: past float32
+  tx = scale_by_aalig(1.0, num_examples=4, steps_per_epoch=10,
+                      epochs_per_section=1)
+  update = jax.jit(tx.update) if jit else tx.update
+  updates, state = update(jnp.asarray(g), tx.init(None),
+                          losses=jnp.ones(2), indices=jnp.arange(2))
+  assert int(state.num_skipped) == 1 and int(state.num_overflows) == 0
+  np.testing.assert_array_equal(np.asarray(updates), 0.0)
+  assert np.all(np.isnan(np.asarray(state.last_loss)))
 
 
 def test_rows_whose_own_gap_overflows_give_the_float64_mean_gap():

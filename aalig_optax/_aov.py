@@ -11,6 +11,13 @@ from aalig_optax._state import ScaleByAaligState
 from aalig_optax._state import the_aalig_arrays
 
 
+def _as_float32(aov, aov_step, loss_estimate, lower_bound=None):
+  """A rule's inputs in float32 (the tables may be 16-bit)."""
+  f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+  out = (f32(aov), f32(aov_step), f32(loss_estimate))
+  return out if lower_bound is None else out + (f32(lower_bound),)
+
+
 def _new_steps(a, d, lo, dtype):
   """The step table after a section end, for every rule here: half the
   increase where the AOV was not reached (`lo > a`, or a NaN AOV next to a
@@ -65,9 +72,7 @@ def update_aovs(
     2022, Algorithm 2, and the authors' released code (Alasdair-P/alig_plus).
   """
   dtype = aov.dtype
-  a = aov.astype(jnp.float32)
-  d = aov_step.astype(jnp.float32)
-  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
+  a, d, lo = _as_float32(aov, aov_step, loss_estimate)
   # Not reached is `seen & ~(lo <= a)`: `lo > a`, or a NaN AOV next to a seen
   # loss. Each output is written with its own comparisons, so that XLA
   # builds each in one pass without a shared [N] mask in memory.
@@ -143,10 +148,7 @@ def update_aovs_reflect(
     evaluation, ``benchmarks/results/aov_rules.md``.
   """
   dtype = aov.dtype
-  a = aov.astype(jnp.float32)
-  d = aov_step.astype(jnp.float32)
-  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
-  bound = jnp.asarray(lower_bound, jnp.float32)
+  a, d, lo, bound = _as_float32(aov, aov_step, loss_estimate, lower_bound)
   # As in update_aovs: the step table first, then the AOV, each from its own
   # comparisons, so that XLA writes both tables in place.
   new_d = _new_steps(a, d, lo, aov_step.dtype)
@@ -230,10 +232,7 @@ def update_aovs_anneal(
     evaluation, ``benchmarks/results/aov_rules.md``.
   """
   dtype = aov.dtype
-  a = aov.astype(jnp.float32)
-  d = aov_step.astype(jnp.float32)
-  lo = jnp.asarray(loss_estimate).astype(jnp.float32)
-  bound = jnp.asarray(lower_bound, jnp.float32)
+  a, d, lo, bound = _as_float32(aov, aov_step, loss_estimate, lower_bound)
   # As in update_aovs: the AOV from the old step (d/2), then the step table,
   # each from its own comparisons. a/2 + lo/2 cannot overflow.
   new_a = jnp.where(

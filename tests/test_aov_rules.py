@@ -96,27 +96,37 @@ def test_a_callable_rule_runs_under_jit_in_the_table_dtype():
 # --------------------------------------------------------------------------
 # Properties of the reflect rule.
 
+def _apply_and_check_the_shared_half(rule, tables):
+  """`rule` on `tables`, checked where every rule here agrees: never below
+  the lower bound, never-seen rows untouched bit for bit, and rows not
+  reached moved exactly as the paper's rule moves them. Returns the new
+  tables, the reached and not-reached masks, and the paper's tables."""
+  aov, step, est, lower = tables
+  new_aov, new_step = rule(
+      jnp.asarray(aov), jnp.asarray(step), jnp.asarray(est), lower)
+  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
+  seen = ~np.isnan(est)
+  reached = seen & (est <= aov)
+  missed = seen & (est > aov)
+  assert np.all(new_aov >= np.float32(lower) - 1e-6)
+  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
+  np.testing.assert_array_equal(new_step[~seen], step[~seen])
+  p_aov, p_step = ao.update_aovs(jnp.asarray(aov), jnp.asarray(step),
+                                 jnp.asarray(est), lower)
+  p_aov, p_step = np.asarray(p_aov), np.asarray(p_step)
+  np.testing.assert_array_equal(new_aov[missed], p_aov[missed])
+  np.testing.assert_array_equal(new_step[missed], p_step[missed])
+  return new_aov, new_step, reached, missed, p_aov, p_step
+
+
 @hypothesis.settings(max_examples=150, deadline=None)
 @hypothesis.given(aov_tables())
 def test_reflect_rule_properties(tables):
   aov, step, est, lower = tables
-  new_aov, new_step = ao.update_aovs_reflect(
-      jnp.asarray(aov), jnp.asarray(step), jnp.asarray(est), lower)
-  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
+  new_aov, new_step, reached, missed, p_aov, p_step = (
+      _apply_and_check_the_shared_half(ao.update_aovs_reflect, tables))
   lower = np.float32(lower)
   seen = ~np.isnan(est)
-  reached = seen & (est <= aov)
-  missed = seen & (est > aov)
-  # Never below the lower bound.
-  assert np.all(new_aov >= lower - 1e-6)
-  # Never-seen examples untouched, bit for bit.
-  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
-  np.testing.assert_array_equal(new_step[~seen], step[~seen])
-  # Not reached: exactly the paper's rule.
-  p_aov, p_step = ao.update_aovs(jnp.asarray(aov), jnp.asarray(step),
-                                 jnp.asarray(est), lower)
-  np.testing.assert_array_equal(new_aov[missed], np.asarray(p_aov)[missed])
-  np.testing.assert_array_equal(new_step[missed], np.asarray(p_step)[missed])
   # Reached: at or below the loss reached (or at the bound, for a loss below
   # it), by at least a quarter of its distance to the bound, and at or below
   # where the paper's rule would put it; the step kept.
@@ -184,21 +194,10 @@ def test_reflect_removes_the_freeze_of_section_5_1_rank_4():
 @hypothesis.given(aov_tables())
 def test_anneal_rule_properties(tables):
   aov, step, est, lower = tables
-  new_aov, new_step = _aov.update_aovs_anneal(
-      jnp.asarray(aov), jnp.asarray(step), jnp.asarray(est), lower)
-  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
+  new_aov, new_step, reached, missed, p_aov, p_step = (
+      _apply_and_check_the_shared_half(_aov.update_aovs_anneal, tables))
   lower = np.float32(lower)
   seen = ~np.isnan(est)
-  reached = seen & (est <= aov)
-  missed = seen & (est > aov)
-  assert np.all(new_aov >= lower - 1e-6)
-  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
-  np.testing.assert_array_equal(new_step[~seen], step[~seen])
-  # Not reached: exactly the paper's rule.
-  p_aov, p_step = ao.update_aovs(jnp.asarray(aov), jnp.asarray(step),
-                                 jnp.asarray(est), lower)
-  np.testing.assert_array_equal(new_aov[missed], np.asarray(p_aov)[missed])
-  np.testing.assert_array_equal(new_step[missed], np.asarray(p_step)[missed])
   # Reached: at or below where the paper's rule puts it, at most halfway
   # from the AOV down to its loss (or at the bound), and the step doubled.
   a, r_est, r_new = aov[reached], est[reached], new_aov[reached]

@@ -33,12 +33,21 @@ def write(table, write_idx, values, lowest=False):
   values = _replicate_on(values, mesh)
   if mesh is None:
     write_idx, values = _replicated_on_auto_mesh(table, write_idx, values)
-  kwargs = dict(mode="drop", **_explicit_out_sharding(table))
-  if "wrap_negative_indices" in inspect.signature(
-      table.at[write_idx].set).parameters:
-    kwargs["wrap_negative_indices"] = False  # None is: one kernel fewer.
-  written = table.at[write_idx].set(values, **kwargs)
-  return written.at[write_idx].min(values, **kwargs) if lowest else written
+  written = _scatter(table, write_idx, values, "set")
+  return _scatter(written, write_idx, values, "min") if lowest else written
+
+
+def _scatter(table, idx, values, how):
+  """``table.at[idx].<how>(values)``, out-of-range rows dropped, with the
+  options this JAX takes: no wrapping of negative indices (none is: one
+  kernel fewer), and the table's sharding on a mesh with Explicit axes
+  (older JAX takes it for ``set`` only, and then infers the rest)."""
+  method = getattr(table.at[idx], how)
+  options = inspect.signature(method).parameters
+  kwargs = {k: v for k, v in dict(
+      wrap_negative_indices=False, **_explicit_out_sharding(table)).items()
+            if k in options}
+  return method(values, mode="drop", **kwargs)
 
 
 def _replicated_on_auto_mesh(table, *rows):

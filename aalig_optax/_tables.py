@@ -44,9 +44,17 @@ def _scatter(table, idx, values, how):
   (older JAX takes it for ``set`` only, and then infers the rest)."""
   method = getattr(table.at[idx], how)
   options = inspect.signature(method).parameters
-  kwargs = {k: v for k, v in dict(
-      wrap_negative_indices=False, **_explicit_out_sharding(table)).items()
-            if k in options}
+  sharding = _explicit_out_sharding(table)
+  if how == "min" and sharding and "out_sharding" not in options:
+    # An older JAX's scatter-min cannot be told its output sharding: each
+    # row takes its index's lowest value in the batch (all pairs of rows,
+    # only here), and a scatter-set writes it.
+    same = idx[:, None] == idx[None, :]
+    lowest = jnp.min(jnp.where(same, values[None, :],
+                               jnp.asarray(jnp.inf, values.dtype)), axis=1)
+    return _scatter(table, idx, lowest, "set")
+  kwargs = {k: v for k, v in dict(wrap_negative_indices=False,
+                                  **sharding).items() if k in options}
   return method(values, mode="drop", **kwargs)
 
 

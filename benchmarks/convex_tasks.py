@@ -130,24 +130,32 @@ def ls_task(seeds: int):
              "50 epochs (K = 5); optimum by least squares in float64."))
 
 
-def logreg_ijcnn1_task(seeds: int, n_train: int = 10_000):
-  raw = libsvm.load_libsvm("ijcnn1")
-  x = np.concatenate([raw.x_train, raw.x_test])[:n_train + 2000]
-  y = np.concatenate([raw.y_train, raw.y_test])[:n_train + 2000]
-  data = _split(x, y, 2000, 0)
+def _logreg_task(name, label, data, notes, seeds):
+  """A linear model with bias under the logistic loss, batch 100, 30 epochs,
+  its floor by Newton in float64."""
   return tasks_lib.Task(
-      name="logreg_ijcnn1", label="Logistic regression, ijcnn1 (linear)",
-      interpolating=False, make_model=_linear(x.shape[1]),
+      name=name, label=label, interpolating=False,
+      make_model=_linear(data["x_train"].shape[1]),
       per_example_loss=problems.logistic_loss,
       per_example_metric=problems.binary_accuracy, metric="accuracy",
       higher_is_better=True, data=data, batch_size=100, epochs=30,
       grids=_grids(_pow10(-2, 4), _pow10(-3, 2)), seeds=seeds, momentum=0.0,
       select_on="train_loss",
       loss_floor=logreg_optimum(data["x_train"], data["y_train"]),
-      notes=(f"ijcnn1 (22 features, no kernel), the first {n_train + 2000} "
-             f"examples of the loader's split: {n_train} train / 2000 "
-             "validation, linear model with bias from zeros, logistic loss, "
-             "batch 100, 30 epochs (K = 3); optimum by Newton in float64."))
+      notes=notes)
+
+
+def logreg_ijcnn1_task(seeds: int, n_train: int = 10_000):
+  raw = libsvm.load_libsvm("ijcnn1")
+  x = np.concatenate([raw.x_train, raw.x_test])[:n_train + 2000]
+  y = np.concatenate([raw.y_train, raw.y_test])[:n_train + 2000]
+  return _logreg_task(
+      "logreg_ijcnn1", "Logistic regression, ijcnn1 (linear)",
+      _split(x, y, 2000, 0),
+      f"ijcnn1 (22 features, no kernel), the first {n_train + 2000} "
+      f"examples of the loader's split: {n_train} train / 2000 "
+      "validation, linear model with bias from zeros, logistic loss, "
+      "batch 100, 30 epochs (K = 3); optimum by Newton in float64.", seeds)
 
 
 def logreg_mushrooms_task(seeds: int, flip: float = 0.2):
@@ -158,21 +166,14 @@ def logreg_mushrooms_task(seeds: int, flip: float = 0.2):
   flipped = rng.random(len(y)) < flip
   y[flipped] = 1 - y[flipped]
   data["y_train"] = y
-  return tasks_lib.Task(
-      name="logreg_mushrooms_flip",
-      label="Logistic regression, mushrooms, 20% flipped labels",
-      interpolating=False, make_model=_linear(raw.x_train.shape[1]),
-      per_example_loss=problems.logistic_loss,
-      per_example_metric=problems.binary_accuracy, metric="accuracy",
-      higher_is_better=True, data=data, batch_size=100, epochs=30,
-      grids=_grids(_pow10(-2, 4), _pow10(-3, 2)), seeds=seeds, momentum=0.0,
-      select_on="train_loss",
-      loss_floor=logreg_optimum(data["x_train"], data["y_train"]),
-      notes=(f"mushrooms (112 one-hot features), {len(y)} train with "
-             f"{flipped.mean():.1%} of the labels flipped (seeded) / 1000 "
-             "clean validation, linear model with bias from zeros, logistic "
-             "loss, batch 100, 30 epochs (K = 3); optimum by Newton in "
-             "float64."))
+  return _logreg_task(
+      "logreg_mushrooms_flip",
+      "Logistic regression, mushrooms, 20% flipped labels", data,
+      f"mushrooms (112 one-hot features), {len(y)} train with "
+      f"{flipped.mean():.1%} of the labels flipped (seeded) / 1000 "
+      "clean validation, linear model with bias from zeros, logistic "
+      "loss, batch 100, 30 epochs (K = 3); optimum by Newton in "
+      "float64.", seeds)
 
 
 def mf_noisy_task(seeds: int, rank: int = 4, noise: float = 0.1):

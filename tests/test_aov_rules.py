@@ -14,6 +14,7 @@ import pytest
 import aalig_optax as ao
 from aalig_optax import _aov
 from tests.test_sections import aov_tables
+from tests.test_sections import apply_rule_and_check_invariants
 
 
 def _run(tx, steps=24, n=48, b=8, seed=0):
@@ -102,15 +103,8 @@ def _apply_and_check_the_shared_half(rule, tables):
   reached moved exactly as the paper's rule moves them. Returns the new
   tables, the reached and not-reached masks, and the paper's tables."""
   aov, step, est, lower = tables
-  new_aov, new_step = rule(
-      jnp.asarray(aov), jnp.asarray(step), jnp.asarray(est), lower)
-  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
-  seen = ~np.isnan(est)
-  reached = seen & (est <= aov)
-  missed = seen & (est > aov)
-  assert np.all(new_aov >= np.float32(lower) - 1e-6)
-  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
-  np.testing.assert_array_equal(new_step[~seen], step[~seen])
+  new_aov, new_step, reached, missed = apply_rule_and_check_invariants(
+      rule, tables)
   p_aov, p_step = ao.update_aovs(jnp.asarray(aov), jnp.asarray(step),
                                  jnp.asarray(est), lower)
   p_aov, p_step = np.asarray(p_aov), np.asarray(p_step)

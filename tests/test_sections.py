@@ -132,21 +132,28 @@ def aov_tables(draw):
   return aov, step, est, lower
 
 
+def apply_rule_and_check_invariants(rule, tables):
+  """`rule` on `tables` (from :func:`aov_tables`), checked for what every
+  AOV rule keeps: never below the lower bound (the tables start at or above
+  it), never-seen rows untouched bit for bit. Returns the new tables and
+  the reached and not-reached masks."""
+  aov, step, est, lower = tables
+  new_aov, new_step = rule(jnp.asarray(aov), jnp.asarray(step),
+                           jnp.asarray(est), lower)
+  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
+  seen = ~np.isnan(est)
+  assert np.all(new_aov >= np.float32(lower) - 1e-6)
+  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
+  np.testing.assert_array_equal(new_step[~seen], step[~seen])
+  return new_aov, new_step, seen & (est <= aov), seen & (est > aov)
+
+
 @hypothesis.settings(max_examples=150, deadline=None)
 @hypothesis.given(aov_tables())
 def test_update_aovs_properties(tables):
   aov, step, est, lower = tables
-  new_aov, new_step = ao.update_aovs(jnp.asarray(aov), jnp.asarray(step),
-                                     jnp.asarray(est), lower)
-  new_aov, new_step = np.asarray(new_aov), np.asarray(new_step)
-  seen = ~np.isnan(est)
-  reached = seen & (est <= aov)
-  missed = seen & (est > aov)
-  # Never below the lower bound (the tables start at or above it).
-  assert np.all(new_aov >= np.float32(lower) - 1e-6)
-  # Unseen examples are untouched, bit for bit.
-  np.testing.assert_array_equal(new_aov[~seen], aov[~seen])
-  np.testing.assert_array_equal(new_step[~seen], step[~seen])
+  new_aov, new_step, reached, missed = apply_rule_and_check_invariants(
+      ao.update_aovs, tables)
   # Not reached: halfway to the loss, step = the increase applied.
   np.testing.assert_allclose(new_aov[missed], (aov[missed] + est[missed]) / 2,
                              rtol=1e-6, atol=1e-5)
